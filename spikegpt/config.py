@@ -1,0 +1,132 @@
+"""Configuration: one dataclass per concern, and the presets as plain data."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ModelConfig:
+    """The architecture (DESIGN §1).  Defaults are the reference implementation's."""
+
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_embd: int = 128
+    ctx_len: int = 64  # training context; the model itself runs any length
+    ffn_mult: int = 4  # ChannelMix hidden width = ffn_mult * n_embd
+    dropout: float = 0.03  # on the residual stream after each block, training only
+    layer_norm_eps: float = 1e-5
+    tau: float = 2.0  # LIF membrane time constant
+    v_threshold: float = 1.0  # LIF firing threshold
+    surrogate_alpha: float = 2.0  # width of the arctan surrogate gradient
+    binary_embedding: bool = True  # x = H(E[idx]); False feeds E[idx] itself
+    spiking: bool = True  # False replaces every LIF by the identity (the plain RWKV twin)
+    init: str = "reference"  # "reference": PyTorch default init except the time parameters
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_layer", "n_embd", "ctx_len", "ffn_mult"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.tau <= 0:
+            raise ValueError(f"ModelConfig.tau must be > 0, got {self.tau}")
+        if self.init not in ("reference",):
+            raise ValueError(f"ModelConfig.init must be 'reference', got {self.init!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_reference_json(cls, config) -> "ModelConfig":
+        """A config from a reference run's JSON (path or dict with vocab_size, n_layer, n_embd, ...).
+
+        Keys that are not ModelConfig fields (such as ``model_type``) are ignored; the three sizes
+        are required.
+        """
+        if not isinstance(config, dict):
+            path = Path(config)
+            if not path.is_file():
+                raise FileNotFoundError(f"reference config {path} not found: pass the JSON written "
+                                        "next to the checkpoint, or a dict with vocab_size, n_layer, n_embd")
+            config = json.loads(path.read_text())
+        missing = [k for k in ("vocab_size", "n_layer", "n_embd") if k not in config]
+        if missing:
+            raise ValueError(f"reference config lacks {missing}; it needs vocab_size, n_layer and n_embd")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in config.items() if k in names})
+
+    @property
+    def n_params(self) -> int:
+        """``2VC + L(13C^2 + 11C) + 4C`` for ffn_mult 4 (DESIGN §1); general in ffn_mult."""
+        C, V, L, F = self.n_embd, self.vocab_size, self.n_layer, self.ffn_mult * self.n_embd
+        per_layer = 5 * C * C + 2 * C * F + 11 * C  # 4 C^2 TimeMix + C^2 + 2CF ChannelMix; 11C vectors
+        return 2 * V * C + L * per_layer + 4 * C  # +4C: LN0 and LN_out
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation and bookkeeping (DESIGN §5 defaults)."""
+
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_iters: int = 2000
+    lr: float = 6e-4
+    min_lr: float = 1e-5
+    warmup_iters: int = 0
+    lr_schedule: str = "cosine"  # cosine decay from lr to min_lr over max_iters (after warmup)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    adam_eps: float = 4e-9
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250  # 0 disables periodic evaluation
+    eval_iters: int = 20
+    log_interval: int = 10
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    dtype: str = "auto"  # auto, fp32, bf16, fp16
+    compile: bool = False
+
+
+# Presets are data: a preset is a dict of overrides for ModelConfig and TrainConfig fields.
+PRESETS: dict[str, dict] = {
+    # A few minutes on a laptop CPU: the size of the CPU benchmark.
+    "tiny": dict(n_layer=4, n_embd=128, ctx_len=64, batch_size=12, max_iters=2000, lr=2e-3,
+                 min_lr=1e-4, warmup_iters=50, eval_interval=250, eval_iters=20),
+    # The paper's enwik8 model (~45M parameters at vocab 256).
+    "45m": dict(n_layer=12, n_embd=512, ctx_len=1024, batch_size=12, max_iters=100_000, lr=6e-4,
+                min_lr=1e-5, eval_interval=1000, eval_iters=50),
+    # The paper's OpenWebText2 model with the GPT-NeoX vocabulary.
+    "216m": dict(n_layer=18, n_embd=768, ctx_len=1024, vocab_size=50277, batch_size=12,
+                 max_iters=400_000, lr=6e-4, min_lr=1e-5, eval_interval=2000, eval_iters=50),
+}
+
+
+def split_overrides(overrides: dict) -> tuple[dict, dict]:
+    """Split a flat dict of overrides into (ModelConfig fields, TrainConfig fields)."""
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(overrides) - model_names - train_names)
+    if unknown:
+        raise ValueError(f"unknown config fields {unknown}")
+    return ({k: v for k, v in overrides.items() if k in model_names},
+            {k: v for k, v in overrides.items() if k in train_names})
+
+
+def preset(name: str) -> tuple[dict, dict]:
+    """The (model, train) overrides of a named preset."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return split_overrides(PRESETS[name])
+
+
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "split_overrides", "field"]

@@ -1,0 +1,211 @@
+"""SpikeGPT: a spiking RWKV language model (arXiv 2302.13939), as specified in DESIGN.md §1.
+
+    x = H(E[idx])                                    binary embedding (arctan surrogate)
+    x = LN0(x)                                       block 0 only
+    x = x + LIF(TimeMix(LN1(x)))                     spiking RWKV token mixer
+    x = x + LIF(ChannelMix(LN2(x)))                  spiking receptance FFN
+    logits = W_head LN_out(x)
+
+Every block carries a recurrent state, so the same code runs a whole sequence in parallel (training,
+prompt prefill) or continues from a state one token at a time (generation).  A state is one fp32
+tensor of shape (n_layer, 7, B, C) holding, per layer, the slots named below.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import ModelConfig
+
+# The slots of a layer's recurrent state.
+ATT_SHIFT, FFN_SHIFT, WKV_P, WKV_Q, WKV_O, LIF_ATT, LIF_FFN = range(7)
+N_STATE_SLOTS = 7
+
+
+def token_shift(z, last):
+    """``zs[t] = z[t-1]``, with ``last`` (B, C) standing in for ``z[-1]``."""
+    return torch.cat([last[:, None].to(z.dtype), z[:, :-1]], dim=1)
+
+
+class LIF(nn.Module):
+    """Multi-step LIF neurons over the token axis; the identity when the model does not spike."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.spiking = config.spiking
+        self.tau, self.v_threshold, self.alpha = config.tau, config.v_threshold, config.surrogate_alpha
+
+    def forward(self, x, v0):
+        if not self.spiking:
+            return x, v0
+        return ops.lif(x, v0, self.tau, self.v_threshold, self.alpha)
+
+
+class TimeMix(nn.Module):
+    """``W_o (sigmoid(W_r z_r) * WKV(-exp(time_decay), time_first, W_k z_k, W_v z_v))``."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, L = config.n_embd, config.n_layer
+        self.time_decay = nn.Parameter(torch.empty(C))
+        self.time_first = nn.Parameter(torch.empty(C))
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(C, C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.output = nn.Linear(C, C, bias=False)
+        self.reset_time_parameters(layer_id, L)
+
+    @torch.no_grad()
+    def reset_time_parameters(self, l, L):
+        C = self.time_decay.numel()
+        c = torch.arange(C, dtype=torch.float64)
+        r01 = l / (L - 1) if L > 1 else 0.0
+        r1 = 1 - l / L
+        self.time_decay.copy_(-5 + 8 * (c / max(C - 1, 1)) ** (0.7 + 1.3 * r01))
+        self.time_first.copy_(math.log(0.3) + 0.5 * (((c + 1) % 3) - 1))
+        s = (c / C).view(1, 1, C)
+        self.time_mix_k.copy_(s ** r1)
+        self.time_mix_v.copy_(s ** r1 + 0.3 * r01)
+        self.time_mix_r.copy_(s ** (0.5 * r1))
+
+    def forward(self, z, shift, wkv_state):
+        zs = token_shift(z, shift)
+        k = self.key(z * self.time_mix_k + zs * (1 - self.time_mix_k))
+        v = self.value(z * self.time_mix_v + zs * (1 - self.time_mix_v))
+        r = torch.sigmoid(self.receptance(z * self.time_mix_r + zs * (1 - self.time_mix_r)))
+        y, wkv_state = ops.wkv(-torch.exp(self.time_decay), self.time_first, k, v, wkv_state)
+        return self.output(r * y), wkv_state
+
+
+class ChannelMix(nn.Module):
+    """The spiking receptance FFN: ``sigmoid(W_r z_r) * W_v(relu(W_k z_k)^2)``."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, L = config.n_embd, config.n_layer
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.key = nn.Linear(C, config.ffn_mult * C, bias=False)
+        self.receptance = nn.Linear(C, C, bias=False)
+        self.value = nn.Linear(config.ffn_mult * C, C, bias=False)
+        with torch.no_grad():
+            s = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
+            self.time_mix_k.copy_(s ** (1 - layer_id / L))
+            self.time_mix_r.copy_(s ** (1 - layer_id / L))
+
+    def forward(self, z, shift):
+        zs = token_shift(z, shift)
+        k = torch.square(torch.relu(self.key(z * self.time_mix_k + zs * (1 - self.time_mix_k))))
+        r = torch.sigmoid(self.receptance(z * self.time_mix_r + zs * (1 - self.time_mix_r)))
+        return r * self.value(k)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        C, eps = config.n_embd, config.layer_norm_eps
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C, eps=eps)
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+        self.att = TimeMix(config, layer_id)
+        self.ffn = ChannelMix(config, layer_id)
+        self.lif1 = LIF(config)
+        self.lif2 = LIF(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, state):
+        """``x`` (B, T, C); ``state`` (7, B, C) this layer's slots.  Returns (x, new state)."""
+        if hasattr(self, "ln0"):
+            x = self.ln0(x)
+        z = self.ln1(x)
+        a, (p, q, o) = self.att(z, state[ATT_SHIFT], (state[WKV_P], state[WKV_Q], state[WKV_O]))
+        s, v_att = self.lif1(a, state[LIF_ATT])
+        x = x + s
+        z2 = self.ln2(x)
+        s, v_ffn = self.lif2(self.ffn(z2, state[FFN_SHIFT]), state[LIF_FFN])
+        x = self.dropout(x + s)
+        slots = (z[:, -1], z2[:, -1], p, q, o, v_att, v_ffn)
+        return x, torch.stack([t.to(state.dtype) for t in slots])
+
+
+class L2Wrap(torch.autograd.Function):
+    """Identity on the loss; backward adds ``1e-4 / (B T) * max logit`` at each position's argmax.
+
+    The extra gradient is scaled by the incoming loss gradient, so that gradient accumulation and
+    loss scaling treat it like the loss itself (with a loss gradient of 1 this is the reference).
+    """
+
+    @staticmethod
+    def forward(ctx, loss, logits):
+        ctx.save_for_backward(logits)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (logits,) = ctx.saved_tensors
+        factor = 1e-4 / (logits.shape[0] * logits.shape[1])
+        top, idx = logits.max(dim=-1, keepdim=True)
+        grad_logits = torch.zeros_like(logits).scatter_(-1, idx, top * factor)
+        return grad_loss, grad_logits * grad_loss
+
+
+class SpikeGPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, l) for l in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tokenizer = None  # set by spikegpt.load() from the checkpoint
+
+    def initial_state(self, batch_size: int, device=None) -> torch.Tensor:
+        """The state before the first token: zeros, with the WKV log-scale at ``ops.EMPTY_EXP``.
+
+        fp32 (fp64 for an fp64 model), on the model's device unless ``device`` is given."""
+        weight = self.head.weight
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        state = torch.zeros(self.config.n_layer, N_STATE_SLOTS, batch_size, self.config.n_embd,
+                            dtype=dtype, device=device if device is not None else weight.device)
+        state[:, WKV_O] = ops.EMPTY_EXP
+        return state
+
+    def forward(self, idx, targets=None, state=None, return_state=False):
+        """Logits (B, T, V) for token ids ``idx`` (B, T), continuing from ``state`` (zero state when
+        None).  Returns ``logits``, or ``(logits, loss)`` with ``targets``; with ``return_state=True``
+        the final state is appended: ``(logits, state)`` or ``(logits, loss, state)``."""
+        B, T = idx.shape
+        if state is None:
+            state = self.initial_state(B, idx.device)
+        x = self.emb(idx)
+        if self.config.binary_embedding:
+            x = ops.spike(x, self.config.surrogate_alpha)
+        new_state = []
+        for block, layer_state in zip(self.blocks, state):
+            x, layer_state = block(x, layer_state)
+            new_state.append(layer_state)
+        logits = self.head(self.ln_out(x))
+        out = (logits,)
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+            out += (L2Wrap.apply(loss, logits) if self.training else loss,)
+        if return_state:
+            out += (torch.stack(new_state),)
+        return out[0] if len(out) == 1 else out
+
+    @torch.no_grad()
+    def step(self, tokens, state):
+        """One recurrent step: ``tokens`` (B,) -> (logits (B, V), new state)."""
+        logits, state = self(tokens.view(-1, 1), state=state, return_state=True)
+        return logits[:, 0], state
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
