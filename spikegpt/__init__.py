@@ -1,6 +1,8 @@
 """SpikeGPT: spiking RWKV language models, trained and sampled in PyTorch."""
 from .config import ModelConfig, TrainConfig, PRESETS
 from .model import SpikeGPT
+from .checkpoint import load, from_reference, CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "SpikeGPT", "__version__"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "SpikeGPT", "load", "from_reference", "CheckpointError",
+           "__version__"]

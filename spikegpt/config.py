@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -129,4 +129,4 @@ def preset(name: str) -> tuple[dict, dict]:
     return split_overrides(PRESETS[name])
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "split_overrides", "field"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "split_overrides"]

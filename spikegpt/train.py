@@ -1,0 +1,459 @@
+"""Training: ``python train.py --preset tiny`` (see ``--help``).
+
+One run lives in ``--out-dir``: checkpoints ``ckpt-*.pt`` (the last ``--keep-checkpoints``),
+``metrics.jsonl`` (one JSON record per log line and evaluation) and ``config.json``.  Training is
+exactly resumable: the data sampler is a pure function of (seed, rank, step, micro-step) and the
+checkpoint holds the model, the optimizer and the RNG states, so on a CPU ``N`` steps + kill + resume
++ ``N`` steps gives bitwise the parameters and losses of ``2N`` steps straight.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import ops
+from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_checkpoint,
+                         model_from_checkpoint, prune_checkpoints, read_checkpoint, versions)
+from .config import ModelConfig, TrainConfig, preset, split_overrides
+from .data import DataError, default_corpus_dir, load_meta, open_split, sample_batch
+from .evaluate import add_unit_rates, evaluate_tokens
+from .model import SpikeGPT
+from .tokenizer import tokenizer_from_dict
+
+ARCH_FIELDS = ("vocab_size", "n_layer", "n_embd", "ffn_mult", "tau", "v_threshold", "surrogate_alpha",
+               "binary_embedding", "spiking")
+
+
+class TrainingError(Exception):
+    """A problem the user can fix; main() prints the message and exits non-zero."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    m, t = ModelConfig(), TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="train.py", description="Train a SpikeGPT model. Flags left out come from --preset, "
+        "then from the defaults shown; on resume, from the checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-dir", default=None, help="prepared dataset (data/prepare_*.py); default: the built-in "
+      "corpus of Python standard-library docstrings, prepared into a cache directory")
+    a("--preset", default="tiny", choices=["tiny", "45m", "216m"], help="model and schedule preset")
+    a("--n-layer", type=int, default=None, help=f"blocks (tiny: {preset('tiny')[0]['n_layer']})")
+    a("--n-embd", type=int, default=None, help=f"model width (tiny: {preset('tiny')[0]['n_embd']})")
+    a("--ctx-len", type=int, default=None, help="training context length (tokens)")
+    a("--dropout", type=float, default=None, help=f"residual dropout (default {m.dropout})")
+    a("--v-threshold", type=float, default=None, help=f"LIF threshold (default {m.v_threshold})")
+    a("--tau", type=float, default=None, help=f"LIF time constant (default {m.tau})")
+    a("--no-spike", dest="spiking", action="store_false", default=None,
+      help="ablation: LIF neurons become the identity and the embedding is not binarised (plain RWKV)")
+    a("--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {t.batch_size})")
+    a("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {t.grad_accum})")
+    a("--max-iters", type=int, default=None, help="optimizer steps in total (tiny: 2000)")
+    a("--lr", type=float, default=None, help="peak learning rate (tiny: 2e-3, 45m/216m: 6e-4)")
+    a("--min-lr", type=float, default=None, help="final learning rate of the cosine schedule")
+    a("--warmup-iters", type=int, default=None, help="linear warm-up steps")
+    a("--weight-decay", type=float, default=None, help=f"AdamW weight decay on matrices (default {t.weight_decay})")
+    a("--grad-clip", type=float, default=None, help=f"gradient-norm clip, 0 = off (default {t.grad_clip})")
+    a("--eval-interval", type=int, default=None, help="steps between validations; 0 = off")
+    a("--eval-iters", type=int, default=None, help="batches per periodic validation")
+    a("--eval-split", default="val", help="split of the final full evaluation (val or test)")
+    a("--eval-carry-state", action=argparse.BooleanOptionalAction, default=True,
+      help="final evaluation carries the recurrent state across consecutive windows "
+      "(--no-eval-carry-state: every window starts from the zero state)")
+    a("--eval-streams", type=int, default=8, help="final evaluation: the split is cut into this many "
+      "contiguous streams evaluated as one batch, each carrying its own state")
+    a("--eval-max-tokens", type=int, default=None, help="final evaluation: only the first N tokens")
+    a("--log-interval", type=int, default=None, help=f"steps between log lines (default {t.log_interval})")
+    a("--checkpoint-interval", type=int, default=None, help="steps between checkpoints "
+      "(default: --eval-interval, or 500 when that is 0); a checkpoint is always written at the end")
+    a("--keep-checkpoints", type=int, default=None, help=f"checkpoints kept (default {t.keep_checkpoints})")
+    a("--out-dir", default="out/run", help="run directory (checkpoints, metrics.jsonl)")
+    a("--resume", default="auto", help="auto: continue the run in --out-dir if it has a checkpoint; "
+      "never: start fresh (refuses a directory that already has checkpoints); PATH: that checkpoint")
+    a("--seed", type=int, default=None, help=f"seed of init, dropout and data sampling (default {t.seed})")
+    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    a("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+      help="autocast dtype; auto = bf16 on GPUs that support it, else fp32 (WKV math stays fp32)")
+    a("--kernels", default="auto", choices=list(ops.BACKENDS),
+      help="WKV/LIF implementation: auto = Triton on CUDA, PyTorch reference otherwise")
+    a("--compile", action="store_true", default=None, help="torch.compile the model")
+    a("--wandb-mode", default="disabled", choices=["disabled", "offline", "online"],
+      help="Weights & Biases logging (offline works without a network)")
+    a("--wandb-project", default="spikegpt", help="wandb project name")
+    a("--sample-tokens", type=int, default=200, help="tokens sampled at the end of training (0 = none)")
+    a("--sample-prompt", default="The ", help="prompt of the final sample")
+    a("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    return p
+
+
+def resolve_configs(args) -> tuple[dict, dict]:
+    """(ModelConfig overrides, TrainConfig overrides) from --preset and the explicit flags."""
+    model_over, train_over = preset(args.preset)
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    if flags.get("spiking") is False:
+        flags["binary_embedding"] = False
+    m, t = split_overrides({k: v for k, v in flags.items()
+                            if k in {f.name for f in dataclasses.fields(ModelConfig)}
+                            or k in {f.name for f in dataclasses.fields(TrainConfig)}})
+    return {**model_over, **m}, {**train_over, **t}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces of the loop.
+# --------------------------------------------------------------------------------------------------
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``min_lr`` at ``max_iters``."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    span = max(cfg.max_iters - cfg.warmup_iters, 1)
+    progress = min((step - cfg.warmup_iters) / span, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: SpikeGPT, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam(W) with the reference's betas and eps; weight decay (if any) on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name} was requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast_for(dtype: str, device: torch.device):
+    """A zero-argument context factory for the forward pass, and the dtype name actually used."""
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "fp32":
+        return contextlib.nullcontext, dtype
+    if dtype == "fp16" and device.type != "cuda":
+        raise TrainingError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    return (lambda: torch.autocast(device.type, dtype=torch_dtype)), dtype
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, records past the resumed step are dropped (the
+    resumed run writes them again, identically)."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(path)
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class Wandb:
+    def __init__(self, mode: str, project: str, out_dir: Path, config: dict, run_id: str):
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise TrainingError("--wandb-mode needs the wandb package: pip install wandb "
+                                "(or pip install -e '.[wandb]')") from None
+        self.run = wandb.init(project=project, mode=mode, dir=str(out_dir), config=config, id=run_id,
+                              resume="allow")
+
+    def log(self, record: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+@torch.no_grad()
+def estimate_loss(model, tokens, cfg: TrainConfig, ctx_len: int, device, autocast) -> float:
+    """Mean loss over ``eval_iters`` fixed random batches (the same batches at every evaluation)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i in range(cfg.eval_iters):
+        x, y = sample_batch(tokens, cfg.batch_size, ctx_len, seed=cfg.seed + 1, step=i)
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run.
+# --------------------------------------------------------------------------------------------------
+def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
+    if resume == "never":
+        if latest_checkpoint(out_dir) is not None:
+            raise TrainingError(f"{out_dir} already holds checkpoints and --resume never would overwrite "
+                                "them: use --resume auto to continue that run, or another --out-dir")
+        return None
+    if resume == "auto":
+        return latest_checkpoint(out_dir)
+    path = Path(resume)
+    if not path.exists():
+        raise TrainingError(f"--resume {resume}: no such checkpoint (use auto, never, or a ckpt-*.pt path)")
+    return path
+
+
+def check_architecture(saved: dict, requested: dict, source: str) -> None:
+    clashes = [f"{k}={requested[k]} (checkpoint: {saved[k]})" for k in ARCH_FIELDS
+               if k in requested and k in saved and requested[k] != saved[k]]
+    if clashes:
+        raise TrainingError(f"architecture flags contradict the checkpoint {source}: " + ", ".join(clashes)
+                            + "; drop those flags to continue that run, or use a new --out-dir")
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ops.set_backend(args.kernels)
+    device = pick_device(args.device)
+    out_dir = Path(args.out_dir)
+    model_over, train_over = resolve_configs(args)
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_corpus_dir()
+    meta = load_meta(data_dir)
+    train_tokens = open_split(data_dir, "train", meta)
+    val_tokens = open_split(data_dir, "val", meta) if "val" in meta["splits"] else None
+    tokenizer = tokenizer_from_dict(meta["tokenizer"])
+
+    resume_path = find_resume_checkpoint(args.resume, out_dir)
+    ckpt = read_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:
+        saved_model = ckpt["model_config"]
+        explicit = {k: v for k, v in model_over.items() if getattr(args, k, None) is not None}
+        check_architecture(saved_model, explicit, ckpt["path"])
+        model_cfg = ModelConfig.from_dict({**saved_model, **{k: v for k, v in explicit.items()
+                                                           if k not in ARCH_FIELDS}})
+        explicit_train = {k: v for k, v in train_over.items() if getattr(args, k, None) is not None}
+        train_cfg = TrainConfig(**{**ckpt["train_config"], **explicit_train})
+    else:
+        model_cfg = ModelConfig(**{"vocab_size": meta["vocab_size"], **model_over})
+        train_cfg = TrainConfig(**train_over)
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise TrainingError(f"vocabulary mismatch: the model has vocab_size={model_cfg.vocab_size} but "
+                            f"{data_dir} was prepared with {meta['vocab_size']} tokens; train on data "
+                            "prepared with the same vocabulary, or start a new run in another --out-dir")
+    if ckpt is not None and ckpt.get("tokenizer") and ckpt["tokenizer"] != meta["tokenizer"]:
+        raise TrainingError(f"the dataset {data_dir} was tokenized differently from the run in {out_dir}; "
+                            "use the same data or a new --out-dir")
+    for name, split in (("train", train_tokens), ("val", val_tokens)):
+        if split is not None and len(split) < model_cfg.ctx_len + 1:
+            raise TrainingError(f"the {name} split of {data_dir} has {len(split):,} tokens, fewer than "
+                                f"--ctx-len {model_cfg.ctx_len} + 1; use --ctx-len {max(len(split) - 1, 1)} "
+                                "or less, or more data")
+    checkpoint_interval = args.checkpoint_interval or train_cfg.eval_interval or 500
+
+    torch.manual_seed(train_cfg.seed)
+    model = SpikeGPT(model_cfg).to(device)
+    model.tokenizer = tokenizer
+    optimizer = make_optimizer(model, train_cfg)
+    step, tokens_seen = 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
+        set_rng_state(ckpt["rng"])
+    autocast, dtype_used = autocast_for(train_cfg.dtype if args.dtype is None else args.dtype, device)
+    forward = torch.compile(model) if train_cfg.compile else model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_info = {"model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg),
+                "data_dir": str(data_dir), "device": str(device), "dtype": dtype_used,
+                "kernels": args.kernels, "n_params": model.num_params(), "versions": versions()}
+    (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    metrics = MetricsLog(out_dir / "metrics.jsonl", step if ckpt is not None else None)
+    wandb = Wandb(args.wandb_mode, args.wandb_project, out_dir, run_info, run_id=out_dir.resolve().name)
+    bytes_per_token = meta["splits"]["train"]["bytes"] / max(meta["splits"]["train"]["tokens"], 1)
+
+    def log(record):
+        metrics.write(record)
+        wandb.log(record, record["step"])
+
+    def save(last_metrics=None):
+        atomic_save({
+            "format": "spikegpt-checkpoint", "version": 1,
+            "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "step": step, "tokens_seen": tokens_seen, "rng": rng_state(),
+            "sampler": {"kind": "stateless", "seed": train_cfg.seed, "rank": 0, "world_size": 1},
+            "tokenizer": tokenizer.to_dict(), "data": {"data_dir": str(data_dir), "meta": meta},
+            "metrics": last_metrics, "versions": versions(),
+        }, checkpoint_path(out_dir, step))
+        prune_checkpoints(out_dir, train_cfg.keep_checkpoints)
+
+    stop_signal = []
+    previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
+                         for s in (signal.SIGINT, signal.SIGTERM)}
+    from tqdm import tqdm
+    say = tqdm.write
+    say(f"{'resuming ' + ckpt['path'] + ' at step ' + str(step) if ckpt else 'training from scratch'}: "
+        f"{model.num_params() / 1e6:.2f}M parameters, L{model_cfg.n_layer} C{model_cfg.n_embd} "
+        f"ctx {model_cfg.ctx_len}, vocab {model_cfg.vocab_size} ({meta['vocab_kind']}), data {data_dir}, "
+        f"{device} {dtype_used}, global batch {train_cfg.batch_size * train_cfg.grad_accum} sequences")
+    bar = tqdm(total=train_cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
+    model.train()
+    last_eval, window_start, window_tokens = None, time.perf_counter(), 0
+    try:
+        while step < train_cfg.max_iters:
+            lr = learning_rate(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(train_cfg.grad_accum):
+                x, y = sample_batch(train_tokens, train_cfg.batch_size, model_cfg.ctx_len,
+                                    seed=train_cfg.seed, step=step, micro_step=micro)
+                with autocast():
+                    _, loss = forward(x.to(device), y.to(device))
+                (loss / train_cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            loss_value = loss_sum / train_cfg.grad_accum
+            if not math.isfinite(loss_value):
+                good = latest_checkpoint(out_dir)
+                raise TrainingError(f"the loss became {loss_value} at step {step}; stopped without saving. "
+                                    f"The last good checkpoint is {good or '(none yet)'}: lower --lr or "
+                                    "raise --warmup-iters and resume from it")
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip).item()
+                         if train_cfg.grad_clip > 0 else float("nan"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_tokens = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.ctx_len
+            tokens_seen += step_tokens
+            window_tokens += step_tokens
+            bar.update(1)
+
+            if step % train_cfg.log_interval == 0 or step == train_cfg.max_iters:
+                now = time.perf_counter()
+                record = {"step": step, "loss": loss_value, "bits_per_token": loss_value / math.log(2),
+                          "bits_per_byte": loss_value / math.log(2) / bytes_per_token, "lr": lr,
+                          "grad_norm": grad_norm, "tokens_seen": tokens_seen,
+                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
+                window_start, window_tokens = now, 0
+                log(record)
+                bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                if bar.disable:
+                    say(f"step {step:6d}  loss {loss_value:.4f}  bpb {record['bits_per_byte']:.3f}  "
+                        f"lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s")
+            if val_tokens is not None and train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
+                val_loss = estimate_loss(model, val_tokens, train_cfg, model_cfg.ctx_len, device, autocast)
+                last_eval = {"step": step, "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2)}
+                log(last_eval)
+                say(f"step {step:6d}  val loss {val_loss:.4f}  val bits/token {val_loss / math.log(2):.3f}")
+            if step % checkpoint_interval == 0 or step == train_cfg.max_iters:
+                save(last_eval)
+            if stop_signal:
+                if step % checkpoint_interval:
+                    save(last_eval)
+                raise TrainingError(f"interrupted by signal {stop_signal[0]} at step {step}; checkpoint "
+                                    f"saved in {out_dir}, continue with --resume auto")
+        bar.close()
+        result = {"step": step, "out_dir": str(out_dir)}
+        result.update(final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, step))
+        if args.sample_tokens > 0:
+            result["sample"] = sample_text(model, tokenizer, args.sample_prompt, args.sample_tokens,
+                                           train_cfg.seed)
+            say("--- sample ---\n" + result["sample"] + "\n--------------")
+        return result
+    finally:
+        bar.close()
+        metrics.close()
+        wandb.finish()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
+
+
+def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, step) -> dict:
+    split = args.eval_split
+    if split not in meta["splits"]:
+        from tqdm import tqdm
+        tqdm.write(f"no {split!r} split in {data_dir}: final evaluation skipped")
+        return {}
+    tokens = open_split(data_dir, split, meta)
+    start = time.perf_counter()
+    result = evaluate_tokens(model, tokens, window=model_cfg.ctx_len, carry_state=args.eval_carry_state,
+                             streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
+                             autocast=autocast)
+    if args.eval_max_tokens is None:
+        add_unit_rates(result, meta["splits"][split])
+    elif meta["vocab_kind"] == "byte":
+        result["bits_per_byte"] = result["bits_per_token"]
+    record = {"step": step, "final_eval": split, **result, "seconds": time.perf_counter() - start}
+    log(record)
+    from tqdm import tqdm
+    units = "  ".join(f"{k.replace('_', ' ')} {result[k]:.4f}" for k in ("bits_per_byte", "bits_per_char")
+                      if k in result)
+    tqdm.write(f"final {split}: loss {result['loss']:.4f}  bits/token {result['bits_per_token']:.4f}  {units}  "
+               f"({result['predicted_tokens']:,} tokens, window {result['window']}, "
+               f"state {'carried' if result['carry_state'] else 'reset per window'}, "
+               f"{result['streams']} streams)")
+    return {"final_" + k: v for k, v in record.items() if k not in ("step", "final_eval")}
+
+
+def sample_text(model, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
+    from .generate import generate
+    ids = tokenizer.encode(prompt) if prompt else []
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    out = generate(model, ids, max_new_tokens=n_tokens, temperature=0.8, top_k=None, top_p=0.95,
+                   generator=generator)
+    return prompt + tokenizer.decode(out[0] if out and isinstance(out[0], list) else out)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (TrainingError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
