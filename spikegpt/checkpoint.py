@@ -36,7 +36,7 @@ class CheckpointError(Exception):
 
 def versions() -> dict:
     from . import __version__
-    return {"spikegpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"spikegpt": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def checkpoint_path(out_dir, step: int) -> Path:
