@@ -105,6 +105,10 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign objects...
+        if "Weights only load failed" in str(e):
+            raise CheckpointError(f"checkpoint {path} holds Python objects besides tensors and plain data, "
+                                  "so it is refused rather than unpickled; convert it with a trusted "
+                                  "script or pass another checkpoint") from e
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else ''}); move it aside to use "
                               "the previous one, or pass another checkpoint") from e

@@ -23,25 +23,30 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def evaluate_tokens(model, tokens, window: int, carry_state: bool = True, streams: int = 1,
-                    max_tokens: int | None = None, device=None, autocast=None) -> dict:
+                    max_tokens: int | None = None, device=None, autocast=None, part=(0, 1)) -> dict:
     """Mean cross-entropy of ``model`` over the 1-D token array ``tokens`` (np.memmap or array).
 
-    Returns ``{"loss", "bits_per_token", "predicted_tokens", "window", "streams", "carry_state"}``.
+    ``part = (rank, world)`` splits the work between processes: the split is cut into
+    ``streams * world`` contiguous streams and this process evaluates its ``streams`` of them; sum
+    ``nll_sum`` and ``predicted_tokens`` over the processes to combine.  Returns ``{"loss",
+    "bits_per_token", "nll_sum", "predicted_tokens", "window", "streams", "carry_state"}``.
     """
     device = device or next(model.parameters()).device
     autocast = autocast or contextlib.nullcontext
+    rank, world = part
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens + 1)
     if n < 2:
         raise ValueError(f"need at least 2 tokens to evaluate, got {n}")
     predicted = n - 1
-    streams = max(1, min(streams, predicted))
-    per_stream = predicted // streams
+    total_streams = max(1, min(streams * world, predicted))
+    per_stream = predicted // total_streams
+    mine = [s for s in range(total_streams) if s * world // total_streams == rank]
     was_training = model.training
     model.eval()
-    total = 0.0
+    nll, count = 0.0, 0
 
     def run(starts, length, state):
-        nonlocal total
+        nonlocal nll, count
         for t0 in range(0, length, window):
             t = min(window, length - t0)
             rows = np.stack([np.asarray(tokens[s + t0:s + t0 + t + 1], dtype=np.int64) for s in starts])
@@ -49,20 +54,20 @@ def evaluate_tokens(model, tokens, window: int, carry_state: bool = True, stream
             with autocast():
                 logits, new_state = model(chunk[:, :-1], state=state if carry_state else None,
                                           return_state=True)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
-                                     reduction="sum").item()
+            nll += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1),
+                                   reduction="sum").item()
+            count += chunk[:, 1:].numel()
             state = new_state
         return state
 
-    starts = [s * per_stream for s in range(streams)]
-    state = run(starts, per_stream, None)
-    leftover = predicted - streams * per_stream  # continues the last stream alone
-    if leftover:
-        run([streams * per_stream], leftover, state[:, :, -1:] if state is not None else None)
+    state = run([s * per_stream for s in mine], per_stream, None) if mine else None
+    leftover = predicted - total_streams * per_stream  # continues the last stream alone
+    if leftover and total_streams - 1 in mine:
+        run([total_streams * per_stream], leftover, state[:, :, -1:])
     model.train(was_training)
-    loss = total / predicted
-    return {"loss": loss, "bits_per_token": loss / math.log(2), "predicted_tokens": predicted,
-            "window": window, "streams": streams, "carry_state": carry_state}
+    loss = nll / max(count, 1)
+    return {"loss": loss, "bits_per_token": loss / math.log(2), "nll_sum": nll, "predicted_tokens": count,
+            "window": window, "streams": total_streams, "carry_state": carry_state}
 
 
 def add_unit_rates(result: dict, split_meta: dict) -> dict:
@@ -73,3 +78,80 @@ def add_unit_rates(result: dict, split_meta: dict) -> dict:
         if tokens and split_meta.get(unit):
             result[key] = result["bits_per_token"] * tokens / split_meta[unit]
     return result
+
+
+def main(argv=None) -> int:
+    """``python -m spikegpt.evaluate``: evaluate a checkpoint on a prepared split."""
+    import argparse
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from . import ops
+    from .checkpoint import CheckpointError, from_reference, load
+    from .data import DataError, load_meta, open_split
+
+    p = argparse.ArgumentParser(prog="python -m spikegpt.evaluate", description=main.__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", help="our checkpoint file or run directory (newest checkpoint)")
+    p.add_argument("--reference", help="a reference SpikeGPT state dict (.pth) instead of --ckpt")
+    p.add_argument("--reference-config", help="JSON config of --reference (vocab_size, n_layer, n_embd)")
+    p.add_argument("--data-dir", required=True, help="prepared dataset (data/prepare_*.py)")
+    p.add_argument("--split", default="val", help="split to evaluate (val, test; 'valid' means val)")
+    p.add_argument("--window", type=int, default=None, help="tokens per forward pass (default: the "
+                   "model's ctx_len); windows are consecutive and non-overlapping (stride = window)")
+    p.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=True,
+                   help="carry the recurrent state from window to window")
+    p.add_argument("--streams", type=int, default=8, help="contiguous parts evaluated side by side")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--kernels", default="auto", choices=list(ops.BACKENDS), help="WKV/LIF implementation")
+    p.add_argument("--json", dest="json_out", help="also write the result as JSON to this file")
+    args = p.parse_args(argv)
+    try:
+        if bool(args.ckpt) == bool(args.reference):
+            raise CheckpointError("pass exactly one of --ckpt or --reference (with --reference-config)")
+        ops.set_backend(args.kernels)
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if args.device == "auto" else args.device))
+        if args.reference:
+            if not args.reference_config:
+                raise CheckpointError("--reference needs --reference-config JSON")
+            model = from_reference(args.reference, args.reference_config).to(device)
+        else:
+            model = load(args.ckpt, device)
+        split = "val" if args.split == "valid" else args.split
+        meta = load_meta(args.data_dir)
+        if meta["vocab_size"] != model.config.vocab_size:
+            raise DataError(f"vocabulary mismatch: the model has {model.config.vocab_size} tokens but "
+                            f"{args.data_dir} was prepared with {meta['vocab_size']}; prepare the data with "
+                            "the model's tokenizer")
+        tokens = open_split(args.data_dir, split, meta)
+        window = args.window or model.config.ctx_len
+        start = time.perf_counter()
+        result = evaluate_tokens(model, tokens, window, args.carry_state, args.streams, args.max_tokens, device)
+        split_meta = meta["splits"][split]
+        if args.max_tokens is None:
+            add_unit_rates(result, split_meta)
+            if split_meta.get("words"):
+                result["word_perplexity"] = math.exp(result["loss"] * split_meta["tokens"] / split_meta["words"])
+        result.update(token_perplexity=math.exp(result["loss"]), split=split, data_dir=str(args.data_dir),
+                      vocab_kind=meta["vocab_kind"], seconds=time.perf_counter() - start,
+                      context=("unbounded (state carried across windows)" if args.carry_state
+                               else f"{window} tokens (state reset every window)"), stride=window)
+    except (CheckpointError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for key in ("loss", "bits_per_token", "bits_per_byte", "bits_per_char", "token_perplexity", "word_perplexity"):
+        if key in result:
+            print(f"{key:>17}: {result[key]:.4f}")
+    print(f"{'tokens':>17}: {result['predicted_tokens']:,} of split {split!r} ({meta['vocab_kind']} vocab)")
+    print(f"{'context':>17}: {result['context']}; window {window}, stride {window}, {result['streams']} streams")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

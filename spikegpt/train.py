@@ -13,12 +13,16 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from torch.nn.parallel import DistributedDataParallel
 
 from . import ops
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_checkpoint,
@@ -82,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out-dir", default="out/run", help="run directory (checkpoints, metrics.jsonl)")
     a("--resume", default="auto", help="auto: continue the run in --out-dir if it has a checkpoint; "
       "never: start fresh (refuses a directory that already has checkpoints); PATH: that checkpoint")
+    a("--init-from", default=None, help="start a new run (step 0, fresh optimizer) from the weights of "
+      "this checkpoint or run directory: fine-tuning, e.g. with a new --lr")
     a("--seed", type=int, default=None, help=f"seed of init, dropout and data sampling (default {t.seed})")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     a("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
@@ -137,6 +143,29 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"--device {name} was requested but CUDA is not available; use --device cpu")
     return device
+
+
+def init_distributed(device_name: str):
+    """(rank, world size, device) — from torchrun's environment when present (NCCL on GPUs, gloo on
+    CPUs), else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], world: int, device) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def autocast_for(dtype: str, device: torch.device):
@@ -208,18 +237,20 @@ class Wandb:
 
 
 @torch.no_grad()
-def estimate_loss(model, tokens, cfg: TrainConfig, ctx_len: int, device, autocast) -> float:
-    """Mean loss over ``eval_iters`` fixed random batches (the same batches at every evaluation)."""
+def estimate_loss(model, tokens, cfg: TrainConfig, ctx_len: int, device, autocast, rank=0, world=1) -> float:
+    """Mean loss over ``eval_iters`` fixed random batches (the same batches at every evaluation),
+    shared out between the processes."""
     was_training = model.training
     model.eval()
-    losses = []
-    for i in range(cfg.eval_iters):
+    total, count = 0.0, 0
+    for i in range(rank, cfg.eval_iters, world):
         x, y = sample_batch(tokens, cfg.batch_size, ctx_len, seed=cfg.seed + 1, step=i)
         with autocast():
             _, loss = model(x.to(device), y.to(device))
-        losses.append(loss.item())
+        total, count = total + loss.item(), count + 1
     model.train(was_training)
-    return sum(losses) / len(losses)
+    total, count = all_reduce_sum([total, count], world, device)
+    return total / count
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,50 +278,79 @@ def check_architecture(saved: dict, requested: dict, source: str) -> None:
                             + "; drop those flags to continue that run, or use a new --out-dir")
 
 
+def load_configs(args, meta, out_dir):
+    """(ModelConfig, TrainConfig, checkpoint to resume or None, checkpoint to initialise from or None)."""
+    model_over, train_over = resolve_configs(args)
+    explicit_model = {k: v for k, v in model_over.items() if getattr(args, k, None) is not None}
+    explicit_train = {k: v for k, v in train_over.items() if getattr(args, k, None) is not None}
+    resume_path = find_resume_checkpoint(args.resume, out_dir)
+    ckpt = read_checkpoint(resume_path) if resume_path else None
+    init = read_checkpoint(args.init_from) if args.init_from and ckpt is None else None
+    base = ckpt or init
+    if base is not None:
+        check_architecture(base["model_config"], explicit_model, base["path"])
+        model_cfg = ModelConfig.from_dict({**base["model_config"], **{k: v for k, v in explicit_model.items()
+                                                                    if k not in ARCH_FIELDS}})
+    else:
+        model_cfg = ModelConfig(**{"vocab_size": meta["vocab_size"], **model_over})
+    if ckpt is not None:
+        train_cfg = TrainConfig(**{**ckpt["train_config"], **explicit_train})
+    else:
+        train_cfg = TrainConfig(**train_over)
+    return model_cfg, train_cfg, ckpt, init
+
+
+def check_data(model_cfg, meta, data_dir, base_ckpt, splits, out_dir):
+    if model_cfg.vocab_size != meta["vocab_size"]:
+        raise TrainingError(f"vocabulary mismatch: the model has vocab_size={model_cfg.vocab_size} but "
+                            f"{data_dir} was prepared with {meta['vocab_size']} tokens; train on data "
+                            "prepared with the same vocabulary, or start a new run in another --out-dir")
+    if base_ckpt is not None and base_ckpt.get("tokenizer") and base_ckpt["tokenizer"] != meta["tokenizer"]:
+        raise TrainingError(f"the dataset {data_dir} was tokenized differently from the checkpoint "
+                            f"{base_ckpt['path']}; use data prepared with the same tokenizer, or a new --out-dir")
+    for name, split in splits.items():
+        if split is not None and len(split) < model_cfg.ctx_len + 1:
+            raise TrainingError(f"the {name} split of {data_dir} has {len(split):,} tokens, fewer than "
+                                f"--ctx-len {model_cfg.ctx_len} + 1; use --ctx-len {max(len(split) - 1, 1)} "
+                                "or less, or more data")
+
+
 def run(args) -> dict:
+    """Train as ``args`` say (the parsed flags of :func:`build_parser`); returns a summary dict.
+
+    Under torchrun every process runs this; rank 0 alone logs, evaluates-reports and writes
+    checkpoints.  The windows of a step are indexed by the global micro-batch number
+    ``g = rank * grad_accum + micro``, so the data order depends only on the global batch, not on
+    how it is spread over processes.
+    """
     if args.threads:
         torch.set_num_threads(args.threads)
     ops.set_backend(args.kernels)
-    device = pick_device(args.device)
-    out_dir = Path(args.out_dir)
-    model_over, train_over = resolve_configs(args)
+    rank, world, device = init_distributed(args.device)
+    try:
+        return _run(args, rank, world, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
+
+def _run(args, rank, world, device) -> dict:
+    main_process = rank == 0
+    out_dir = Path(args.out_dir)
     data_dir = Path(args.data_dir) if args.data_dir else default_corpus_dir()
     meta = load_meta(data_dir)
     train_tokens = open_split(data_dir, "train", meta)
     val_tokens = open_split(data_dir, "val", meta) if "val" in meta["splits"] else None
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
-
-    resume_path = find_resume_checkpoint(args.resume, out_dir)
-    ckpt = read_checkpoint(resume_path) if resume_path else None
-    if ckpt is not None:
-        saved_model = ckpt["model_config"]
-        explicit = {k: v for k, v in model_over.items() if getattr(args, k, None) is not None}
-        check_architecture(saved_model, explicit, ckpt["path"])
-        model_cfg = ModelConfig.from_dict({**saved_model, **{k: v for k, v in explicit.items()
-                                                           if k not in ARCH_FIELDS}})
-        explicit_train = {k: v for k, v in train_over.items() if getattr(args, k, None) is not None}
-        train_cfg = TrainConfig(**{**ckpt["train_config"], **explicit_train})
-    else:
-        model_cfg = ModelConfig(**{"vocab_size": meta["vocab_size"], **model_over})
-        train_cfg = TrainConfig(**train_over)
-    if model_cfg.vocab_size != meta["vocab_size"]:
-        raise TrainingError(f"vocabulary mismatch: the model has vocab_size={model_cfg.vocab_size} but "
-                            f"{data_dir} was prepared with {meta['vocab_size']} tokens; train on data "
-                            "prepared with the same vocabulary, or start a new run in another --out-dir")
-    if ckpt is not None and ckpt.get("tokenizer") and ckpt["tokenizer"] != meta["tokenizer"]:
-        raise TrainingError(f"the dataset {data_dir} was tokenized differently from the run in {out_dir}; "
-                            "use the same data or a new --out-dir")
-    for name, split in (("train", train_tokens), ("val", val_tokens)):
-        if split is not None and len(split) < model_cfg.ctx_len + 1:
-            raise TrainingError(f"the {name} split of {data_dir} has {len(split):,} tokens, fewer than "
-                                f"--ctx-len {model_cfg.ctx_len} + 1; use --ctx-len {max(len(split) - 1, 1)} "
-                                "or less, or more data")
+    model_cfg, train_cfg, ckpt, init = load_configs(args, meta, out_dir)
+    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens}, out_dir)
     checkpoint_interval = args.checkpoint_interval or train_cfg.eval_interval or 500
 
     torch.manual_seed(train_cfg.seed)
     model = SpikeGPT(model_cfg).to(device)
     model.tokenizer = tokenizer
+    if init is not None:
+        model.load_state_dict(init["model"])
     optimizer = make_optimizer(model, train_cfg)
     step, tokens_seen = 0, 0
     if ckpt is not None:
@@ -298,29 +358,44 @@ def run(args) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
         set_rng_state(ckpt["rng"])
+    if world > 1:  # each process its own dropout masks
+        torch.manual_seed(train_cfg.seed + 1000 * rank + step)
     autocast, dtype_used = autocast_for(train_cfg.dtype if args.dtype is None else args.dtype, device)
-    forward = torch.compile(model) if train_cfg.compile else model
+    forward = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else model
+    forward = torch.compile(forward) if train_cfg.compile else forward
+    global_batch = train_cfg.batch_size * train_cfg.grad_accum * world
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     run_info = {"model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg),
-                "data_dir": str(data_dir), "device": str(device), "dtype": dtype_used,
-                "kernels": args.kernels, "n_params": model.num_params(), "versions": versions()}
-    (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    metrics = MetricsLog(out_dir / "metrics.jsonl", step if ckpt is not None else None)
-    wandb = Wandb(args.wandb_mode, args.wandb_project, out_dir, run_info, run_id=out_dir.resolve().name)
+                "data_dir": str(data_dir), "device": str(device), "dtype": dtype_used, "world_size": world,
+                "kernels": args.kernels, "n_params": model.num_params(), "versions": versions(),
+                "init_from": init["path"] if init else None}
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
+        metrics = MetricsLog(out_dir / "metrics.jsonl", step if ckpt is not None else None)
+        wandb = Wandb(args.wandb_mode, args.wandb_project, out_dir, run_info, run_id=out_dir.resolve().name)
     bytes_per_token = meta["splits"]["train"]["bytes"] / max(meta["splits"]["train"]["tokens"], 1)
 
     def log(record):
-        metrics.write(record)
-        wandb.log(record, record["step"])
+        if main_process:
+            metrics.write(record)
+            wandb.log(record, record["step"])
+
+    def say(text):
+        if main_process:
+            tqdm.write(text)
 
     def save(last_metrics=None):
+        if not main_process:
+            return
         atomic_save({
             "format": "spikegpt-checkpoint", "version": 1,
             "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg),
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "step": step, "tokens_seen": tokens_seen, "rng": rng_state(),
-            "sampler": {"kind": "stateless", "seed": train_cfg.seed, "rank": 0, "world_size": 1},
+            "sampler": {"kind": "stateless-global-micro-batch", "seed": train_cfg.seed, "world_size": world,
+                        "grad_accum": train_cfg.grad_accum},
             "tokenizer": tokenizer.to_dict(), "data": {"data_dir": str(data_dir), "meta": meta},
             "metrics": last_metrics, "versions": versions(),
         }, checkpoint_path(out_dir, step))
@@ -329,14 +404,14 @@ def run(args) -> dict:
     stop_signal = []
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
                          for s in (signal.SIGINT, signal.SIGTERM)}
-    from tqdm import tqdm
-    say = tqdm.write
-    say(f"{'resuming ' + ckpt['path'] + ' at step ' + str(step) if ckpt else 'training from scratch'}: "
-        f"{model.num_params() / 1e6:.2f}M parameters, L{model_cfg.n_layer} C{model_cfg.n_embd} "
+    origin = (f"resuming {ckpt['path']} at step {step}" if ckpt else
+              f"fine-tuning from {init['path']}" if init else "training from scratch")
+    say(f"{origin}: {model.num_params() / 1e6:.2f}M parameters, L{model_cfg.n_layer} C{model_cfg.n_embd} "
         f"ctx {model_cfg.ctx_len}, vocab {model_cfg.vocab_size} ({meta['vocab_kind']}), data {data_dir}, "
-        f"{device} {dtype_used}, global batch {train_cfg.batch_size * train_cfg.grad_accum} sequences")
+        f"{device} {dtype_used}; global batch {global_batch} sequences = {train_cfg.batch_size} per device x "
+        f"{train_cfg.grad_accum} accumulation x {world} processes")
     bar = tqdm(total=train_cfg.max_iters, initial=step, desc="train", dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
+               disable=not (main_process and sys.stderr.isatty()))
     model.train()
     last_eval, window_start, window_tokens = None, time.perf_counter(), 0
     try:
@@ -346,13 +421,14 @@ def run(args) -> dict:
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(train_cfg.grad_accum):
-                x, y = sample_batch(train_tokens, train_cfg.batch_size, model_cfg.ctx_len,
-                                    seed=train_cfg.seed, step=step, micro_step=micro)
-                with autocast():
+                x, y = sample_batch(train_tokens, train_cfg.batch_size, model_cfg.ctx_len, seed=train_cfg.seed,
+                                    step=step, micro_step=rank * train_cfg.grad_accum + micro)
+                sync = world == 1 or micro == train_cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else forward.no_sync()), autocast():
                     _, loss = forward(x.to(device), y.to(device))
                 (loss / train_cfg.grad_accum).backward()
                 loss_sum += loss.item()
-            loss_value = loss_sum / train_cfg.grad_accum
+            loss_value = all_reduce_sum([loss_sum], world, device)[0] / (train_cfg.grad_accum * world)
             if not math.isfinite(loss_value):
                 good = latest_checkpoint(out_dir)
                 raise TrainingError(f"the loss became {loss_value} at step {step}; stopped without saving. "
@@ -363,9 +439,8 @@ def run(args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            step_tokens = train_cfg.batch_size * train_cfg.grad_accum * model_cfg.ctx_len
-            tokens_seen += step_tokens
-            window_tokens += step_tokens
+            tokens_seen += global_batch * model_cfg.ctx_len
+            window_tokens += global_batch * model_cfg.ctx_len
             bar.update(1)
 
             if step % train_cfg.log_interval == 0 or step == train_cfg.max_iters:
@@ -382,7 +457,8 @@ def run(args) -> dict:
                     say(f"step {step:6d}  loss {loss_value:.4f}  bpb {record['bits_per_byte']:.3f}  "
                         f"lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s")
             if val_tokens is not None and train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                val_loss = estimate_loss(model, val_tokens, train_cfg, model_cfg.ctx_len, device, autocast)
+                val_loss = estimate_loss(model, val_tokens, train_cfg, model_cfg.ctx_len, device, autocast,
+                                         rank, world)
                 last_eval = {"step": step, "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2)}
                 log(last_eval)
                 say(f"step {step:6d}  val loss {val_loss:.4f}  val bits/token {val_loss / math.log(2):.3f}")
@@ -395,44 +471,46 @@ def run(args) -> dict:
                                     f"saved in {out_dir}, continue with --resume auto")
         bar.close()
         result = {"step": step, "out_dir": str(out_dir)}
-        result.update(final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, step))
-        if args.sample_tokens > 0:
+        result.update(final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, say, step,
+                                       rank, world))
+        if args.sample_tokens > 0 and main_process:
             result["sample"] = sample_text(model, tokenizer, args.sample_prompt, args.sample_tokens,
                                            train_cfg.seed)
             say("--- sample ---\n" + result["sample"] + "\n--------------")
         return result
     finally:
         bar.close()
-        metrics.close()
-        wandb.finish()
+        if main_process:
+            metrics.close()
+            wandb.finish()
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 
 
-def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, step) -> dict:
-    split = args.eval_split
+def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, say, step,
+                     rank=0, world=1) -> dict:
+    split = "val" if args.eval_split == "valid" else args.eval_split
     if split not in meta["splits"]:
-        from tqdm import tqdm
-        tqdm.write(f"no {split!r} split in {data_dir}: final evaluation skipped")
+        say(f"no {split!r} split in {data_dir}: final evaluation skipped")
         return {}
     tokens = open_split(data_dir, split, meta)
     start = time.perf_counter()
     result = evaluate_tokens(model, tokens, window=model_cfg.ctx_len, carry_state=args.eval_carry_state,
                              streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
-                             autocast=autocast)
+                             autocast=autocast, part=(rank, world))
+    nll, count = all_reduce_sum([result["nll_sum"], result["predicted_tokens"]], world, device)
+    result.update(nll_sum=nll, predicted_tokens=int(count), loss=nll / count, bits_per_token=nll / count / math.log(2))
     if args.eval_max_tokens is None:
         add_unit_rates(result, meta["splits"][split])
     elif meta["vocab_kind"] == "byte":
         result["bits_per_byte"] = result["bits_per_token"]
     record = {"step": step, "final_eval": split, **result, "seconds": time.perf_counter() - start}
     log(record)
-    from tqdm import tqdm
     units = "  ".join(f"{k.replace('_', ' ')} {result[k]:.4f}" for k in ("bits_per_byte", "bits_per_char")
                       if k in result)
-    tqdm.write(f"final {split}: loss {result['loss']:.4f}  bits/token {result['bits_per_token']:.4f}  {units}  "
-               f"({result['predicted_tokens']:,} tokens, window {result['window']}, "
-               f"state {'carried' if result['carry_state'] else 'reset per window'}, "
-               f"{result['streams']} streams)")
+    say(f"final {split}: loss {result['loss']:.4f}  bits/token {result['bits_per_token']:.4f}  {units}  "
+        f"({result['predicted_tokens']:,} tokens, window {result['window']}, "
+        f"state {'carried' if result['carry_state'] else 'reset per window'}, {result['streams']} streams)")
     return {"final_" + k: v for k, v in record.items() if k not in ("step", "final_eval")}
 
 

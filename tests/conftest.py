@@ -18,11 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_REFERENCE = REPO.parent / "shared" / "reference"
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
-
-
 @pytest.fixture
 def shared_reference() -> Path:
     if not SHARED_REFERENCE.is_dir():
