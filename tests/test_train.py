@@ -253,3 +253,11 @@ def test_grad_accum_matches_bigger_batch(byte_data, tmp_path):
     opt.step()
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(v, model.state_dict()[k], rtol=0, atol=0)
+
+
+def test_wandb_offline_needs_no_network(byte_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional dependency (pip install -e '.[wandb]')")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_train(small_args(byte_data, tmp_path / "run", "--max-iters", "2", "--wandb-mode", "offline"))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs, "no offline wandb run was written"
