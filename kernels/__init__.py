@@ -1,0 +1,18 @@
+"""Triton kernels for SpikeGPT's sequence operations, installed as ``spikegpt.kernels``.
+
+``wkv(w, u, k, v, state=None) -> (y, (p, q, o))`` and
+``lif(x, v0=None, tau=2.0, v_threshold=1.0, alpha=2.0) -> (spikes, v_last)`` have the contracts of
+the PyTorch references in ``spikegpt.ops`` and are registered as ``torch.library`` custom ops
+(``spikegpt::wkv_forward`` / ``wkv_backward`` / ``lif_forward`` / ``lif_backward``) so that
+``torch.compile`` treats them as opaque nodes instead of breaking the graph.
+
+Importing this package raises ImportError when Triton is not installed; ``spikegpt.ops`` relies on
+that to fall back to the references.  Without a GPU the kernels run only in Triton's interpreter
+(``TRITON_INTERPRET=1``, set before Triton is first imported).
+"""
+import triton  # noqa: F401  (ImportError here means: no Triton)
+
+from .lif import lif
+from .wkv import wkv
+
+__all__ = ["wkv", "lif"]
