@@ -26,7 +26,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "zstandard>=0.21"],
         "wandb": ["wandb>=0.16"],
         "plot": ["matplotlib>=3.5"],
         "zstd": ["zstandard>=0.21"],

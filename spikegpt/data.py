@@ -14,7 +14,7 @@ A prepared dataset is a directory holding one raw token file per split plus ``me
 
     {
       "format": "spikegpt-tokens",          # constant
-      "version": 1,                         # FORMAT_VERSION
+      "version": 1,                         # 2 for datasets with sharded splits (see below)
       "vocab_kind": "byte" | "char" | "bpe",
       "vocab_size": int,
       "dtype": "uint8" | "uint16" | "uint32",   # smallest unsigned type that holds every id
@@ -41,6 +41,24 @@ A prepared dataset is a directory holding one raw token file per split plus ``me
     }
 
 Token files are memory-mapped (``np.memmap``) at training time and never read whole into RAM.
+
+Sharded splits (format version 2)
+---------------------------------
+Large corpora (OpenWebText2, written by ``data/prepare_openwebtext2.py`` / :mod:`spikegpt.corpus`) store
+a split as several shard files. Such a split entry has ``"files"`` instead of ``"file"``::
+
+    "train": {"files": [{"file": "train-00000.bin", "tokens": n0},
+                        {"file": "train-00001.bin", "tokens": n1}, ...],
+              "tokens": n0 + n1 + ...,  "bytes": ..., "chars": ..., "documents": ..., ...}
+
+and ``meta["version"]`` is 2 (datasets with only single-file splits are still written as version 1;
+this module reads both). Shard dtype is ``uint16`` when the vocabulary fits, else ``uint32``.
+:func:`open_split` returns a :class:`ShardedTokens` for such a split: it behaves like a 1-D token array
+(``len``, ``tokens[a:b]`` across shard boundaries, ``np.asarray(tokens[a:b])``) over one read-only
+memmap per shard. The split is ONE token stream, the concatenation of its shards in order: training
+windows (:func:`sample_batch`) and evaluation windows may span a shard boundary. Shard boundaries carry
+no meaning (a document may continue into the next shard); documents are delimited by the end-of-text
+token that follows each of them.
 
 Writing is crash-safe: every file is written to a hidden temporary name and moved into place with
 ``os.replace``; ``meta.json`` is written last (and, when overwriting, removed first), so an interrupted
@@ -120,6 +138,8 @@ __all__ = [
     "check_dataset",
     "load_tokenizer",
     "TokenData",
+    "ShardedTokens",
+    "split_files",
     "sample_offsets",
     "sample_batch",
     "iter_eval_windows",
@@ -131,7 +151,11 @@ __all__ = [
 ]
 
 FORMAT = "spikegpt-tokens"
-FORMAT_VERSION = 1
+#: Newest format version this module reads (version 2 adds sharded splits, see the module docstring).
+FORMAT_VERSION = 2
+#: Version written for datasets whose splits are single files (``prepare_splits``); part of their
+#: fingerprint, so it stays 1.
+_SINGLE_FILE_VERSION = 1
 META_FILE = "meta.json"
 #: Split names in file order.
 SPLIT_NAMES = ("train", "val", "test")
@@ -441,6 +465,7 @@ def prepare_splits(
     overwrite: bool = False,
     extra_meta: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    split_extra: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Tokenise ``data`` into a prepared dataset directory (format in the module docstring).
 
@@ -459,6 +484,8 @@ def prepare_splits(
             escape characters (char vocab; used for enwik8). Byte vocab accepts any bytes.
         overwrite: replace an existing dataset in ``out_dir`` that was prepared from different inputs.
         extra_meta: additional JSON-serialisable keys for ``meta.json``.
+        split_extra: per split name, additional JSON-serialisable keys for that split's entry in
+            ``meta["splits"]`` (e.g. WikiText word counts); they may not override the standard keys.
         log: called with a one-line note when ``out_dir`` already holds this exact dataset.
 
     Returns:
@@ -519,7 +546,7 @@ def prepare_splits(
         split_rule = (f"fractions val={val_fraction} test={test_fraction} of the bytes, boundaries moved "
                       f"forward to UTF-8 character starts")
     fingerprint = hashlib.sha256(json.dumps({
-        "format_version": FORMAT_VERSION,
+        "format_version": _SINGLE_FILE_VERSION,
         "encoder_version": _ENCODER_VERSION,
         "vocab": vocab,
         "tokenizer": None if tok is None else hashlib.sha256(
@@ -563,9 +590,13 @@ def prepare_splits(
             splits[name] = {"file": w.final.name, "tokens": w.tokens, "bytes": b - a, "chars": stats["chars"],
                             "unknown": stats["unknown"], "escaped_bytes": stats["escaped_bytes"],
                             "byte_offset": a}
+            for k, v in ((split_extra or {}).get(name) or {}).items():
+                if k in splits[name]:
+                    raise ValueError(f"split_extra may not override the key {k!r}")
+                splits[name][k] = v
         meta: dict[str, Any] = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": _SINGLE_FILE_VERSION,
             "vocab_kind": vocab,
             "vocab_size": tok.vocab_size,
             "dtype": dtype.name,
@@ -589,7 +620,7 @@ def prepare_splits(
         old_files: set[str] = set()
         if old_meta.exists():
             try:
-                old_files = {s["file"] for s in json.loads(old_meta.read_text("utf-8"))["splits"].values()}
+                old_files = set(split_files(json.loads(old_meta.read_text("utf-8"))))
             except (ValueError, KeyError, TypeError, AttributeError):
                 old_files = set()
             old_meta.unlink()
@@ -649,8 +680,127 @@ def load_meta(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def open_split(data_dir: str | os.PathLike[str], split: str, meta: Mapping[str, Any] | None = None) -> np.memmap:
+def split_files(meta: Mapping[str, Any]) -> list[str]:
+    """File names of every split of ``meta`` (single-file and sharded splits), in split/shard order."""
+    out: list[str] = []
+    for entry in meta["splits"].values():
+        if "files" in entry:
+            out.extend(f["file"] for f in entry["files"])
+        else:
+            out.append(entry["file"])
+    return out
+
+
+class ShardedTokens:
+    """A split stored as several shard files, behaving like one read-only 1-D token array.
+
+    Supports ``len()``, ``shape``/``size``/``ndim``/``dtype``, integer indexing, slicing with step 1
+    (``tokens[a:b]``, also across shard boundaries) and ``np.asarray(tokens[a:b])``. A slice inside one
+    shard is a view of that shard's memmap; a slice across shards is a fresh array (only the requested
+    tokens are read). Negative indices count from the end, as for numpy arrays.
+
+    Args:
+        shards: 1-D arrays (normally read-only ``np.memmap``) of one dtype, in stream order.
+        files: optional file names of the shards (for messages / inspection).
+    """
+
+    ndim = 1
+
+    def __init__(self, shards: Sequence[np.ndarray], files: Sequence[str] | None = None):
+        if not shards:
+            raise ValueError("ShardedTokens needs at least one shard")
+        dtypes = {np.dtype(sh.dtype) for sh in shards}
+        if len(dtypes) != 1:
+            raise ValueError(f"shards have different dtypes: {sorted(map(str, dtypes))}")
+        self.shards: list[np.ndarray] = list(shards)
+        self.files: list[str] = list(files) if files is not None else []
+        self.dtype: np.dtype = dtypes.pop()
+        lengths = np.array([len(sh) for sh in self.shards], dtype=np.int64)
+        #: ``offsets[i]`` = index of the first token of shard ``i``; ``offsets[-1]`` = total length.
+        self.offsets: np.ndarray = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._n = int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (self._n,)
+
+    @property
+    def size(self) -> int:
+        return self._n
+
+    @property
+    def nbytes(self) -> int:
+        return self._n * self.dtype.itemsize
+
+    def _shard_of(self, i: int) -> int:
+        return int(np.searchsorted(self.offsets, i, side="right")) - 1
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self._n)
+            if step != 1:
+                raise IndexError("ShardedTokens supports only slices with step 1")
+            if stop <= start:
+                return np.empty(0, dtype=self.dtype)
+            first, last = self._shard_of(start), self._shard_of(stop - 1)
+            if first == last:
+                o = int(self.offsets[first])
+                return self.shards[first][start - o:stop - o]
+            out = np.empty(stop - start, dtype=self.dtype)
+            pos = 0
+            for k in range(first, last + 1):
+                o = int(self.offsets[k])
+                a, b = max(start, o) - o, min(stop, int(self.offsets[k + 1])) - o
+                out[pos:pos + b - a] = self.shards[k][a:b]
+                pos += b - a
+            return out
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key)
+            if i < 0:
+                i += self._n
+            if not 0 <= i < self._n:
+                raise IndexError(f"index {int(key)} is out of bounds for {self._n} tokens")
+            k = self._shard_of(i)
+            return self.shards[k][i - int(self.offsets[k])]
+        raise TypeError(f"ShardedTokens indices must be integers or step-1 slices, got {type(key).__name__}")
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole split as one array (reads every shard: use slices for large splits)."""
+        arr = self[0:self._n]
+        return np.asarray(arr, dtype=dtype) if dtype is not None else np.asarray(arr)
+
+    def __iter__(self) -> Iterator[Any]:
+        for sh in self.shards:
+            yield from sh
+
+    def __repr__(self) -> str:
+        return f"ShardedTokens({self._n:,} tokens in {len(self.shards)} shard(s), dtype={self.dtype.name})"
+
+
+def _open_token_file(d: Path, fname: Any, n: int, dtype: np.dtype, split: str) -> np.memmap:
+    if not isinstance(fname, str) or not fname or Path(fname).name != fname:
+        raise DataError(f"{d}/{META_FILE} names an invalid file for split {split!r}: {fname!r}; "
+                        f"re-run the preparation with --overwrite")
+    path = d / fname
+    if not path.is_file():
+        raise DataError(f"split file {path} is missing; re-run the preparation with --overwrite")
+    size = path.stat().st_size
+    if n <= 0 or size != n * dtype.itemsize:
+        raise DataError(f"split file {path} is truncated or corrupt: {size:,} bytes, but meta.json says "
+                        f"{n:,} tokens x {dtype.itemsize} byte(s) = {max(n, 0) * dtype.itemsize:,}; "
+                        f"re-run the preparation with --overwrite")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def open_split(data_dir: str | os.PathLike[str], split: str,
+               meta: Mapping[str, Any] | None = None) -> np.memmap | ShardedTokens:
     """Memory-map one split's tokens (read-only, 1-D, dtype from meta).
+
+    Returns an ``np.memmap`` for a single-file split and a :class:`ShardedTokens` (same array-like
+    interface: ``len``, slicing, ``np.asarray`` of a slice) for a sharded split.
 
     Raises:
         DataError: unknown split, split file missing, file size not matching meta (truncated/corrupt),
@@ -664,23 +814,24 @@ def open_split(data_dir: str | os.PathLike[str], split: str, meta: Mapping[str, 
         hint = " (prepare with --test-fraction to get a test split)" if split == "test" else ""
         raise DataError(f"{d} has no {split!r} split; it has {sorted(splits)}{hint}")
     entry = splits[split]
-    fname = entry.get("file", "") if isinstance(entry, dict) else ""
-    if not fname or Path(fname).name != fname:
-        raise DataError(f"{d}/{META_FILE} names an invalid file for split {split!r}: {fname!r}; "
-                        f"re-run the preparation with --overwrite")
-    path = d / fname
     dtype = _np_dtype(meta["dtype"])
+    if not isinstance(entry, dict):
+        raise DataError(f"{d}/{META_FILE}: invalid entry for split {split!r}; re-run the preparation with --overwrite")
     n = int(entry.get("tokens", -1))
     if n == 0:
         raise DataError(f"the {split!r} split of {d} is empty (0 tokens); prepare it from a larger input")
-    if not path.is_file():
-        raise DataError(f"split file {path} is missing; re-run the preparation with --overwrite")
-    size = path.stat().st_size
-    if n < 0 or size != n * dtype.itemsize:
-        raise DataError(f"split file {path} is truncated or corrupt: {size:,} bytes, but meta.json says "
-                        f"{n:,} tokens x {dtype.itemsize} byte(s) = {max(n, 0) * dtype.itemsize:,}; "
-                        f"re-run the preparation with --overwrite")
-    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+    if "files" in entry:
+        files = entry["files"]
+        if not isinstance(files, list) or not files or not all(isinstance(f, dict) for f in files):
+            raise DataError(f"{d}/{META_FILE}: invalid shard list for split {split!r}; "
+                            f"re-run the preparation with --overwrite")
+        counts = [int(f.get("tokens", -1)) for f in files]
+        if sum(counts) != n:
+            raise DataError(f"{d}/{META_FILE}: the shards of split {split!r} hold {sum(counts):,} tokens but the "
+                            f"split says {n:,}; re-run the preparation with --overwrite")
+        shards = [_open_token_file(d, f.get("file"), c, dtype, split) for f, c in zip(files, counts)]
+        return ShardedTokens(shards, [f["file"] for f in files])
+    return _open_token_file(d, entry.get("file", ""), n, dtype, split)
 
 
 def check_dataset(data_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -701,7 +852,7 @@ def load_tokenizer(data_dir: str | os.PathLike[str]) -> Tokenizer:
 
 
 class TokenData:
-    """One split of a prepared dataset: ``tokens`` (a read-only memmap) plus its metadata.
+    """One split of a prepared dataset: ``tokens`` (a read-only memmap or :class:`ShardedTokens`) plus its metadata.
 
     Attributes: ``data_dir``, ``split``, ``meta`` (whole meta.json), ``info`` (this split's entry),
     ``tokens``, ``vocab_size``, ``vocab_kind``, ``num_tokens`` (= ``len(self)``), ``num_bytes``,
@@ -712,7 +863,7 @@ class TokenData:
         self.data_dir = Path(data_dir)
         self.split = split
         self.meta = load_meta(self.data_dir)
-        self.tokens: np.memmap = open_split(self.data_dir, split, self.meta)
+        self.tokens: np.memmap | ShardedTokens = open_split(self.data_dir, split, self.meta)
         self.info: dict[str, Any] = dict(self.meta["splits"][split])
         self.vocab_size: int = int(self.meta["vocab_size"])
         self.vocab_kind: str = self.meta["vocab_kind"]
@@ -863,8 +1014,14 @@ def format_summary(meta: Mapping[str, Any], data_dir: str | os.PathLike[str] | N
     if meta.get("source"):
         lines.append(f"  source: {meta['source']}")
     for name, s in meta["splits"].items():
-        line = (f"  {name:<5} {s['tokens']:>13,} tokens  {s['bytes']:>13,} bytes  {s['chars']:>13,} chars  "
-                f"unknown {s['unknown']:,}")
+        line = f"  {name:<5} {s['tokens']:>13,} tokens  {s['bytes']:>13,} bytes  {s.get('chars', 0):>13,} chars"
+        if "documents" in s:
+            line += f"  {s['documents']:,} documents"
+        if "words" in s:
+            line += f"  {s['words']:,} words"
+        if "files" in s:
+            line += f"  {len(s['files'])} shard(s)"
+        line += f"  unknown {s.get('unknown', 0):,}"
         if s.get("escaped_bytes"):
             line += f"  escaped bytes {s['escaped_bytes']:,}"
         lines.append(line)

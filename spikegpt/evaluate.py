@@ -7,9 +7,8 @@ window starts from the zero state, as in training.  The split can be cut into ``
 parts that are evaluated side by side as one batch: each part carries its own state, so the result
 differs from ``streams=1`` only in that each part after the first starts from the zero state.
 
-Every token after the first is predicted exactly once.  Conversions: ``bits_per_token = loss / ln 2``;
-``bits_per_byte = bits_per_token * tokens / bytes`` (bytes of the UTF-8 text of the evaluated
-tokens; for a byte vocabulary the two are equal); likewise ``bits_per_char`` with characters.
+Every token after the first is predicted exactly once.  The unit conversions (bits per byte /
+character, token and word perplexity) are :func:`spikegpt.metrics.unit_metrics`.
 """
 from __future__ import annotations
 
@@ -70,16 +69,6 @@ def evaluate_tokens(model, tokens, window: int, carry_state: bool = True, stream
             "window": window, "streams": total_streams, "carry_state": carry_state}
 
 
-def add_unit_rates(result: dict, split_meta: dict) -> dict:
-    """Add bits per byte (and per character when known) from the split's token/byte/char counts:
-    ``bits_per_byte = bits_per_token * tokens / bytes`` (equal for a byte vocabulary)."""
-    tokens = split_meta.get("tokens")
-    for unit, key in (("bytes", "bits_per_byte"), ("chars", "bits_per_char")):
-        if tokens and split_meta.get(unit):
-            result[key] = result["bits_per_token"] * tokens / split_meta[unit]
-    return result
-
-
 def main(argv=None) -> int:
     """``python -m spikegpt.evaluate``: evaluate a checkpoint on a prepared split."""
     import argparse
@@ -91,6 +80,7 @@ def main(argv=None) -> int:
     from . import ops
     from .checkpoint import CheckpointError, from_reference, load
     from .data import DataError, load_meta, open_split
+    from .metrics import unit_metrics
 
     p = argparse.ArgumentParser(prog="python -m spikegpt.evaluate", description=main.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -131,19 +121,15 @@ def main(argv=None) -> int:
         window = args.window or model.config.ctx_len
         start = time.perf_counter()
         result = evaluate_tokens(model, tokens, window, args.carry_state, args.streams, args.max_tokens, device)
-        split_meta = meta["splits"][split]
-        if args.max_tokens is None:
-            add_unit_rates(result, split_meta)
-            if split_meta.get("words"):
-                result["word_perplexity"] = math.exp(result["loss"] * split_meta["tokens"] / split_meta["words"])
-        result.update(token_perplexity=math.exp(result["loss"]), split=split, data_dir=str(args.data_dir),
+        result.update(unit_metrics(result["nll_sum"], result["predicted_tokens"], meta["splits"][split]))
+        result.update(split=split, data_dir=str(args.data_dir),
                       vocab_kind=meta["vocab_kind"], seconds=time.perf_counter() - start,
                       context=("unbounded (state carried across windows)" if args.carry_state
                                else f"{window} tokens (state reset every window)"), stride=window)
     except (CheckpointError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    for key in ("loss", "bits_per_token", "bits_per_byte", "bits_per_char", "token_perplexity", "word_perplexity"):
+    for key in ("loss", "bits_per_token", "bits_per_byte", "bits_per_char", "token_ppl", "word_ppl"):
         if key in result:
             print(f"{key:>17}: {result[key]:.4f}")
     print(f"{'tokens':>17}: {result['predicted_tokens']:,} of split {split!r} ({meta['vocab_kind']} vocab)")

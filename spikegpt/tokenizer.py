@@ -33,7 +33,7 @@ import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ __all__ = [
     "CharTokenizer",
     "BPETokenizer",
     "tokenizer_from_dict",
+    "train_bpe",
     "EOT_TOKEN",
 ]
 
@@ -447,3 +448,38 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
         raise ValueError(f"{kind} tokenizer description says vocab_size {d['vocab_size']} but rebuilds "
                          f"with {tok.vocab_size}")
     return tok
+
+
+# --------------------------------------------------------------------------------------------------
+# Training a byte-level BPE
+# --------------------------------------------------------------------------------------------------
+def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, *, min_frequency: int = 2,
+              special_tokens: Sequence[str] = (EOT_TOKEN,)) -> BPETokenizer:
+    """Train a byte-level BPE (GPT-2 / GPT-NeoX style) on ``texts`` with the ``tokenizers`` library.
+
+    The model has the 256 byte symbols as its initial alphabet (every text is encodable, no unknown
+    token), GPT-2's byte-level pre-tokenizer (``add_prefix_space=False``), no normaliser, and the
+    ``special_tokens`` first: ``<|endoftext|>`` (the default's only entry) is id 0. ``vocab_size``
+    counts special tokens, bytes and merges. Training is deterministic for the same texts in the same
+    order: ``tokenizers`` breaks ties between equally frequent pairs by the pair itself, and counts are
+    exact. Done in-process (``tokenizers`` may use several threads).
+
+    Raises:
+        ValueError: ``vocab_size`` smaller than the special tokens + 256 bytes.
+    """
+    from tokenizers import Tokenizer as _HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    special_tokens = list(dict.fromkeys(special_tokens))
+    if vocab_size < len(special_tokens) + 256:
+        raise ValueError(f"vocab_size must be at least {len(special_tokens) + 256} (special tokens + 256 bytes), "
+                         f"got {vocab_size}")
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer.from_json(tok.to_str())

@@ -29,7 +29,8 @@ from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_c
                          model_from_checkpoint, prune_checkpoints, read_checkpoint, versions)
 from .config import ModelConfig, TrainConfig, preset, split_overrides
 from .data import DataError, default_corpus_dir, load_meta, open_split, sample_batch
-from .evaluate import add_unit_rates, evaluate_tokens
+from .evaluate import evaluate_tokens
+from .metrics import unit_metrics
 from .model import SpikeGPT
 from .tokenizer import tokenizer_from_dict
 
@@ -499,11 +500,8 @@ def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, l
                              streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
                              autocast=autocast, part=(rank, world))
     nll, count = all_reduce_sum([result["nll_sum"], result["predicted_tokens"]], world, device)
-    result.update(nll_sum=nll, predicted_tokens=int(count), loss=nll / count, bits_per_token=nll / count / math.log(2))
-    if args.eval_max_tokens is None:
-        add_unit_rates(result, meta["splits"][split])
-    elif meta["vocab_kind"] == "byte":
-        result["bits_per_byte"] = result["bits_per_token"]
+    result.update(nll_sum=nll, predicted_tokens=int(count), loss=nll / count)
+    result.update(unit_metrics(nll, int(count), meta["splits"][split]))
     record = {"step": step, "final_eval": split, **result, "seconds": time.perf_counter() - start}
     log(record)
     units = "  ".join(f"{k.replace('_', ' ')} {result[k]:.4f}" for k in ("bits_per_byte", "bits_per_char")
