@@ -32,17 +32,38 @@ def token_shift(z, last):
 
 
 class LIF(nn.Module):
-    """Multi-step LIF neurons over the token axis; the identity when the model does not spike."""
+    """Multi-step LIF neurons over the token axis; the identity when the model does not spike.
+
+    Spike recording is opt-in (``spikegpt.analyze.record_spikes`` sets it up): with ``record`` None,
+    the default, nothing is kept and the cost is one attribute test.  With ``record = "rate"`` each
+    call adds its per-neuron spike counts to ``spike_counts`` (int64, shape (C,), on the spikes'
+    device, no host sync) and the number of (sequence, token) steps to ``spike_steps``; with
+    ``record = "raw"`` it also appends the spikes themselves (bool, (B, T, C), on the CPU) to
+    ``spike_trace``.  Recording is detached and never changes the output or the gradients.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.spiking = config.spiking
         self.tau, self.v_threshold, self.alpha = config.tau, config.v_threshold, config.surrogate_alpha
+        self.record = None  # None, "rate" or "raw"
+        self.spike_counts, self.spike_steps, self.spike_trace = None, 0, []
 
     def forward(self, x, v0):
         if not self.spiking:
             return x, v0
-        return ops.lif(x, v0, self.tau, self.v_threshold, self.alpha)
+        s, v = ops.lif(x, v0, self.tau, self.v_threshold, self.alpha)
+        if self.record is not None:
+            self._record(s)
+        return s, v
+
+    @torch.no_grad()
+    def _record(self, s):
+        counts = s.detach().reshape(-1, s.shape[-1]).count_nonzero(0)
+        self.spike_counts = counts if self.spike_counts is None else self.spike_counts + counts
+        self.spike_steps += s.shape[0] * s.shape[1]
+        if self.record == "raw":
+            self.spike_trace.append(s.detach().to("cpu", torch.bool))
 
 
 class TimeMix(nn.Module):
@@ -203,9 +224,18 @@ class SpikeGPT(nn.Module):
 
     @torch.no_grad()
     def step(self, tokens, state):
-        """One recurrent step: ``tokens`` (B,) -> (logits (B, V), new state)."""
-        logits, state = self(tokens.view(-1, 1), state=state, return_state=True)
-        return logits[:, 0], state
+        """One recurrent step: ``tokens`` (B,) -> (logits (B, V), new state); ``state`` is not modified.
+
+        The exact math of the parallel path (so states are interchangeable with ``forward``), run by
+        the cached fast decoder of ``spikegpt.recurrent``; in training mode (dropout), for half
+        precision weights, or while spikes are being recorded (``LIF.record``) it falls back to
+        ``forward`` on one token."""
+        if (self.training or self.head.weight.dtype not in (torch.float32, torch.float64)
+                or any(getattr(b.lif1, "record", None) or getattr(b.lif2, "record", None) for b in self.blocks)):
+            logits, state = self(tokens.view(-1, 1), state=state, return_state=True)
+            return logits[:, 0], state
+        from .recurrent import decoder_for
+        return decoder_for(self).step(tokens, state)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,175 @@
+"""Recurrent generation speed (issue 4): tokens/s of ``step`` at batch 1 and 16, prompt prefill.
+
+For each config (random weights): tokens/s of the recurrent step at each batch size, in fp32 and with
+bf16 weights; a bare matrix-vector pass over the same weight matrices (the memory-bound reference:
+every weight is streamed once per token) and the ratio bare/step; the prefill of a long prompt via the
+parallel path vs. feeding it token by token; and a profile of the fp32 batch-1 step (where the time
+goes).  Results go to ``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``.
+
+    python benchmarks/bench_generate.py                       # 45m and 216m, batch 1 and 16
+    python benchmarks/bench_generate.py --threads 1           # on a busy machine (see below)
+    python benchmarks/bench_generate.py --smoke               # tiny sizes, seconds (CI)
+
+On a CPU shared with other processes, OpenMP's spin-waiting makes multi-threaded matmuls erratic
+(10-100x slower at times): ``--threads 1`` gives stable numbers there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import header, write_result  # noqa: E402
+from spikegpt import ModelConfig, SpikeGPT  # noqa: E402
+from spikegpt.config import preset  # noqa: E402
+from spikegpt.recurrent import RecurrentDecoder  # noqa: E402
+
+SMOKE = {"smoke": dict(n_layer=2, n_embd=64, vocab_size=256)}
+
+
+def build(name, device):
+    overrides = SMOKE[name] if name in SMOKE else preset(name)[0]
+    cfg = ModelConfig(**{**overrides, "ctx_len": overrides.get("ctx_len", 64)})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = SpikeGPT(cfg)
+    return model.eval()
+
+
+def matrices(model, dtype):
+    """The weight matrices a step streams, in step order, as the (in, out) views the step uses."""
+    mats = []
+    for block in model.blocks:
+        mats += [block.att.key, block.att.value, block.att.receptance, block.att.output,
+                 block.ffn.key, block.ffn.receptance, block.ffn.value]
+    mats.append(model.head)
+    return [m.weight.detach().to(dtype).t() for m in mats]
+
+
+def bare_pass(mats, batch, dtype, device):
+    xs = {w.shape[0]: torch.randn(batch, w.shape[0], device=device).to(dtype) for w in mats}
+
+    def run():
+        for w in mats:
+            torch.mm(xs[w.shape[0]], w)
+    return run
+
+
+def interleaved(fn_a, fn_b, device, iters):
+    """Best-of-``iters`` seconds per call of two functions timed alternately, so that both see the
+    same machine load (on a shared machine the minimum is the least disturbed run)."""
+    def once(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    for _ in range(2):
+        fn_a(), fn_b()
+    a, b = [], []
+    for _ in range(iters):
+        a.append(once(fn_a))
+        b.append(once(fn_b))
+    return min(a), min(b)
+
+
+def profile_step(decoder, state, tokens, steps=5):
+    from torch.profiler import ProfilerActivity, profile
+    decoder.step(tokens, state)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            decoder.step(tokens, state)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows) or 1
+    return {"top_ops": [{"op": e.key, "self_pct": round(100 * e.self_cpu_time_total / total, 1),
+                         "calls_per_step": e.count // steps} for e in rows[:8]],
+            "ops_per_step": sum(e.count for e in rows) // steps}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="45m,216m")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement (best of, interleaved with the bare pass)")
+    p.add_argument("--prefill-len", type=int, default=1000)
+    p.add_argument("--prefill-configs", default="45m,216m", help="configs that get the prefill comparison")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (CI smoke test)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.configs, args.prefill_configs, args.prefill_len, args.steps = "smoke", "smoke", 16, 3
+    device = torch.device(args.device)
+    result = header(device) | {"benchmark": "bench_generate", "smoke": args.smoke, "runs": [], "prefill": []}
+    lines = [f"# bench_generate — {result['device']} — {result['date']} — {result['commit']}", "",
+             "| config | weights | batch | step ms | tokens/s | bare matvec ms | bare/step | GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    weight_modes = [None] + ([] if args.no_bf16 else [torch.bfloat16])
+    for name in args.configs.split(","):
+        model = build(name, device)
+        with torch.no_grad():
+            for wd in weight_modes:
+                dtype = wd or torch.float32
+                decoder = RecurrentDecoder(model, wd)
+                mats = matrices(model, dtype)
+                nbytes = sum(w.numel() * w.element_size() for w in mats)
+                for batch in [int(b) for b in args.batches.split(",")]:
+                    state = model.initial_state(batch)
+                    tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
+                    t_step, t_bare = interleaved(lambda: decoder.step(tokens, state),
+                                                 bare_pass(mats, batch, dtype, device), device, args.steps)
+                    run = {"config": name, "weights": "bf16" if wd else "fp32", "batch": batch,
+                           "step_ms": t_step * 1e3, "tokens_per_s": batch / t_step,
+                           "bare_matvec_ms": t_bare * 1e3, "bare_over_step": t_bare / t_step,
+                           "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9}
+                    if wd is None and batch == 1:
+                        run["profile"] = profile_step(decoder, state, tokens)
+                    result["runs"].append(run)
+                    lines.append(f"| {name} | {run['weights']} | {batch} | {run['step_ms']:.2f} | "
+                                 f"{run['tokens_per_s']:.1f} | {run['bare_matvec_ms']:.2f} | "
+                                 f"{run['bare_over_step']:.2f} | {run['step_GBps']:.1f} |")
+                    print(lines[-1], flush=True)
+            if name in args.prefill_configs.split(","):
+                T = args.prefill_len
+                idx = torch.randint(0, model.config.vocab_size, (1, T), device=device)
+                t0 = time.perf_counter()
+                model(idx, return_state=True)
+                t_par = time.perf_counter() - t0
+                state = model.initial_state(1)
+                t0 = time.perf_counter()
+                for t in range(T):
+                    _, state = model.step(idx[:, t], state)
+                t_seq = time.perf_counter() - t0
+                pre = {"config": name, "prompt_tokens": T, "parallel_s": t_par, "token_by_token_s": t_seq,
+                       "speedup": t_seq / t_par}
+                result["prefill"].append(pre)
+                print(f"prefill {name} {T} tokens: parallel {t_par:.2f} s, token by token {t_seq:.2f} s "
+                      f"({pre['speedup']:.1f}x)", flush=True)
+        del model
+    lines += ["", "| config | prompt tokens | parallel s | token-by-token s | speedup |", "|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['prompt_tokens']} | {r['parallel_s']:.2f} | {r['token_by_token_s']:.2f} | "
+              f"{r['speedup']:.1f}x |" for r in result["prefill"]]
+    for run in result["runs"]:
+        if "profile" in run:
+            lines += ["", f"Profile, {run['config']} fp32 batch 1 ({run['profile']['ops_per_step']} aten ops "
+                      "per step): " + ", ".join(f"{o['op']} {o['self_pct']}%" for o in run["profile"]["top_ops"])]
+    if not args.no_write:
+        path = write_result("bench_generate", result, "\n".join(lines))
+        print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

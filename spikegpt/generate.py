@@ -1,0 +1,429 @@
+"""Sampling from a SpikeGPT model: library functions and the ``generate.py`` command line.
+
+The prompt is run through the parallel path once (prefill, ``model(idx, return_state=True)``); then the
+model runs as an RNN, one :meth:`SpikeGPT.step` per generated token (``spikegpt.recurrent``), with
+constant memory and work per token.
+
+Start token.  An empty prompt starts from the model's start token: the tokenizer's ``eot_id``
+(``<|endoftext|>`` for GPT-NeoX BPE) when it has one, else ``"\\n"`` (byte 10) for the byte tokenizer and
+id 0 for a char tokenizer (its smallest code point, ``"\\n"`` for enwik8).  The start token is fed to
+the model but not printed.
+
+Examples::
+
+    python generate.py --ckpt runs/tiny --prompt "The " --max-new-tokens 200 --temperature 0.8 --top-p 0.95
+    python generate.py --reference SpikeGPT-216M.pth --reference-config 216m.json \\
+        --tokenizer 20B_tokenizer.json --prompt "In a shocking finding" --stream
+
+Reference checkpoints do not record whether the model binarised its embedding or which LIF threshold
+it used: ``--binary-embedding/--no-binary-embedding`` and ``--v-threshold`` set them.  To pick them,
+evaluate each candidate on a held-out text (``python -m spikegpt.evaluate``) and keep the one with the
+lowest loss; the wrong choice gives a much worse perplexity.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["generate", "filter_logits", "sample_next", "StreamDecoder", "start_token", "main",
+           "truncate_at_stop"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """``logits`` (B, V) with everything outside the top-k / nucleus set to -inf.
+
+    top-k keeps the k largest logits (all ties of the k-th value kept); top-p keeps the smallest set of
+    most probable tokens whose probability reaches ``top_p`` (always at least the most probable one).
+    Both may be given (top-k first, then top-p on what is left)."""
+    logits = logits.float()
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # probability mass strictly before each token
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from ``logits`` (B, V): greedy for ``temperature == 0``."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    device = generator.device if generator is not None else logits.device
+    logits = filter_logits(logits.to(device).float() / temperature, top_k, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------------------------------
+class StreamDecoder:
+    """Turns token ids into text incrementally, never emitting half of a character.
+
+    Byte vocabularies go through an incremental UTF-8 decoder (a character split across tokens is
+    held back until complete).  Other tokenizers (BPE, char) are decoded over a short window of recent
+    ids, emitting the new suffix only when it does not end in U+FFFD (a byte-level BPE token that
+    stops inside a multi-byte character)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.kind = getattr(tokenizer, "kind", None)
+        if self.kind == "byte":
+            self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the window re-decoded for context
+        self._read = 0  # ids before this are already emitted
+
+    def push(self, token_id: int) -> str:
+        token_id = int(token_id)
+        if self.kind == "byte":
+            return self._utf8.decode(bytes([token_id]))
+        self.ids.append(token_id)
+        prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
+        new_text = self.tok.decode(self.ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            out = new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self.ids)
+            return out
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (incomplete characters become U+FFFD)."""
+        if self.kind == "byte":
+            return self._utf8.decode(b"", final=True)
+        prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
+        new_text = self.tok.decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text):]
+
+
+class _TextStream:
+    """A sample's text as it grows: complete characters only, cut before the first stop string.
+
+    Text that could be the beginning of a stop string is held back until it is known not to be."""
+
+    def __init__(self, tokenizer, stop):
+        self.dec = StreamDecoder(tokenizer)
+        self.stop = stop
+        self.pending = ""
+
+    def push(self, token_id) -> tuple[str, bool]:
+        self.pending += self.dec.push(token_id)
+        text, found = truncate_at_stop(self.pending, self.stop)
+        if found:
+            self.pending = ""
+            return text, True
+        keep = max((k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                    if text.endswith(s[:k])), default=0)
+        out, self.pending = text[:len(text) - keep], text[len(text) - keep:]
+        return out, False
+
+    def flush(self) -> str:
+        text, _ = truncate_at_stop(self.pending + self.dec.flush(), self.stop)
+        self.pending = ""
+        return text
+
+
+def truncate_at_stop(text: str, stop) -> tuple[str, bool]:
+    """``text`` cut before the earliest stop string, and whether one was found."""
+    cut = min((i for s in stop or () if s and (i := text.find(s)) >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def start_token(tokenizer, vocab_size: int | None = None) -> int:
+    """The token an empty prompt starts from (see the module docstring); without a tokenizer, byte 10
+    for a 256-symbol model (or unknown vocabulary), else id 0."""
+    if tokenizer is not None and getattr(tokenizer, "eot_id", None) is not None:
+        return int(tokenizer.eot_id)
+    if getattr(tokenizer, "kind", None) == "byte" or (tokenizer is None and vocab_size in (None, 256)):
+        return 10
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+def _unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, generator: torch.Generator | None = None, stop=None,
+             num_samples: int = 1, tokenizer=None, on_text=None, decoder=None) -> list[list[int]]:
+    """Sample ``num_samples`` continuations of ``prompt_ids`` (a list of ids; empty = the start token).
+
+    Returns one list of new token ids per sample.  ``stop``: strings; a sample ends at the token that
+    completes one of them (decoded with ``tokenizer``, default ``model.tokenizer``; use
+    :func:`truncate_at_stop` on the decoded text to drop it).  ``on_text(sample, text)`` is called with
+    each complete piece of text as it is produced (streaming).  ``decoder``: a
+    ``spikegpt.recurrent.RecurrentDecoder`` to step with (e.g. bf16 weights); default ``model.step``.
+    The model runs in eval mode (restored afterwards)."""
+    model = _unwrap(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    stop = [s for s in (stop or []) if s]
+    if stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer (pass tokenizer=, or set model.tokenizer)")
+    V = model.config.vocab_size
+    prompt_ids = [int(i) for i in prompt_ids] or [start_token(tokenizer, V)]
+    bad = [i for i in prompt_ids if not 0 <= i < V]
+    if bad:
+        raise ValueError(f"prompt token ids {bad[:5]} are outside the model's vocabulary of {V}")
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.head.weight.device
+        step = decoder.step if decoder is not None else model.step
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        logits, state = model(idx, return_state=True)
+        logits = logits[:, -1].float().expand(num_samples, -1)
+        state = state.expand(-1, -1, num_samples, -1).contiguous()
+        out = [[] for _ in range(num_samples)]
+        streams = [_TextStream(tokenizer, stop) for _ in range(num_samples)] if (stop or on_text) else None
+        done = [False] * num_samples
+        for n in range(max_new_tokens):
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)
+            for b, t in enumerate(tokens.tolist()):
+                if done[b]:
+                    continue
+                out[b].append(t)
+                if streams is not None:
+                    piece, done[b] = streams[b].push(t)
+                    if on_text is not None and piece:
+                        on_text(b, piece)
+            if all(done) or n == max_new_tokens - 1:
+                break
+            logits, state = step(tokens.to(device), state)
+        if on_text is not None:
+            for b in range(num_samples):
+                if not done[b] and (rest := streams[b].flush()):
+                    on_text(b, rest)
+        return out
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="generate.py", description="Sample text from a SpikeGPT checkpoint (recurrent mode).",
+        epilog="An empty prompt starts from the start token: <|endoftext|> if the vocabulary has one, "
+               "else '\\n' for bytes, id 0 for chars.")
+    src = p.add_argument_group("model")
+    src.add_argument("--ckpt", help="a checkpoint file (ckpt-*.pt) or a run directory (its newest checkpoint)")
+    src.add_argument("--reference", metavar="PTH", help="a reference SpikeGPT state_dict (.pth) instead of --ckpt")
+    src.add_argument("--reference-config", metavar="JSON",
+                     help="the reference model's config JSON (vocab_size, n_layer, n_embd, ...)")
+    src.add_argument("--binary-embedding", dest="binary_embedding", action="store_true", default=None,
+                     help="reference import: binarise the embedding, x = H(E[idx]) (our default)")
+    src.add_argument("--no-binary-embedding", dest="binary_embedding", action="store_false",
+                     help="reference import: feed E[idx] itself")
+    src.add_argument("--v-threshold", type=float, default=None, help="reference import: LIF threshold (default 1.0)")
+    src.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte', a tokenizer.json "
+                                         "(BPE) or a JSON written by Tokenizer.to_dict()")
+    g = p.add_argument_group("prompt and sampling")
+    g.add_argument("--prompt", default=None, help="prompt text (default: empty = start token)")
+    g.add_argument("--prompt-file", default=None, help="read the prompt from this file (UTF-8)")
+    g.add_argument("--max-new-tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="same seed, same text (on the same machine)")
+    g.add_argument("--num-samples", type=int, default=1, help="samples, generated as one batch")
+    g.add_argument("--stop", action="append", default=[], help="stop a sample at this string (repeatable)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--stream", action="store_true", help="print tokens as they are produced")
+    r.add_argument("--spike-stats", action="store_true", help="per-layer firing rates of the generated tokens")
+    r.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
+                   help="WKV/LIF implementation of the prefill (spikegpt.ops backends)")
+    r.add_argument("--bf16-weights", action="store_true",
+                   help="decode with bf16 copies of the weight matrices (faster on CPU; approximate)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_tokenizer(spec: str):
+    from .tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_dict
+    if spec == "byte":
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.is_file():
+        raise UsageError(f"tokenizer {spec} not found: pass 'byte' or a tokenizer JSON file")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UsageError(f"tokenizer {spec} is not JSON ({e})") from None
+    if isinstance(d, dict) and "kind" in d and "model" not in d:
+        return tokenizer_from_dict(d)
+    return BPETokenizer(path)
+
+
+def load_model(args):
+    import spikegpt
+    from .checkpoint import CheckpointError
+    if (args.ckpt is None) == (args.reference is None):
+        raise UsageError("pass exactly one of --ckpt and --reference")
+    try:
+        if args.reference is not None:
+            if args.reference_config is None:
+                raise UsageError("--reference needs --reference-config JSON (a reference checkpoint carries no config)")
+            config = _reference_config(args.reference_config, args.binary_embedding, args.v_threshold)
+            model = spikegpt.from_reference(args.reference, config)
+        else:
+            if args.binary_embedding is not None or args.v_threshold is not None:
+                raise UsageError("--binary-embedding/--v-threshold apply to --reference imports only")
+            model = spikegpt.load(args.ckpt)
+    except CheckpointError as e:
+        raise UsageError(str(e)) from None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
+    if tokenizer is None:
+        if model.config.vocab_size != 256:
+            raise UsageError(f"the model (vocab {model.config.vocab_size}) has no tokenizer: pass --tokenizer")
+        from .tokenizer import ByteTokenizer
+        tokenizer = ByteTokenizer()
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise UsageError(f"tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
+                         f"({model.config.vocab_size}): pass the tokenizer the model was trained with")
+    return model, tokenizer
+
+
+def _reference_config(path, binary_embedding, v_threshold) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"reference config {path} not found")
+    config = json.loads(p.read_text())
+    if binary_embedding is not None:
+        config["binary_embedding"] = binary_embedding
+    if v_threshold is not None:
+        config["v_threshold"] = v_threshold
+    return config
+
+
+def _encode_prompt(tokenizer, text: str) -> list[int]:
+    try:
+        return list(tokenizer.encode(text))
+    except ValueError as e:
+        raise UsageError(f"the prompt cannot be encoded: {e}") from None
+
+
+def run(args, out=None, err=None) -> None:
+    out = out if out is not None else sys.stdout
+    err = err if err is not None else sys.stderr
+    from . import ops
+    from .recurrent import RecurrentDecoder
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.num_samples < 1 or args.max_new_tokens < 0:
+        raise UsageError("--num-samples must be >= 1 and --max-new-tokens >= 0")
+    if args.stream and args.num_samples > 1:
+        raise UsageError("--stream prints one sample: use it with --num-samples 1")
+    if args.prompt is not None and args.prompt_file is not None:
+        raise UsageError("pass --prompt or --prompt-file, not both")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be >= 1")
+    if args.temperature < 0:
+        raise UsageError("--temperature must be >= 0")
+    try:
+        ops.set_backend(args.kernels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    prompt = args.prompt or ""
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"cannot read --prompt-file: {e}") from None
+    model, tokenizer = load_model(args)
+    model = model.to(args.device).eval()
+    prompt_ids = _encode_prompt(tokenizer, prompt)
+    decoder = RecurrentDecoder(model, torch.bfloat16 if args.bf16_weights else None)
+    decoder.collect_spikes = args.spike_stats
+    generator = torch.Generator(device="cpu")
+    if args.seed is not None:
+        generator.manual_seed(args.seed)
+    else:
+        generator.seed()
+
+    on_text = None
+    if args.stream:
+        out.write(prompt)
+        out.flush()
+
+        def on_text(_b, piece):
+            out.write(piece)
+            out.flush()
+
+    t0 = time.perf_counter()
+    samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                       generator, stop=args.stop, num_samples=args.num_samples, tokenizer=tokenizer,
+                       on_text=on_text, decoder=decoder)
+    elapsed = time.perf_counter() - t0
+    if args.stream:
+        out.write("\n")
+    else:
+        for b, ids in enumerate(samples):
+            text, _ = truncate_at_stop(tokenizer.decode(ids), args.stop)
+            if b:
+                out.write("\n" + "-" * 40 + "\n")
+            out.write(prompt + text)
+        out.write("\n")
+    out.flush()
+    n_new = sum(len(s) for s in samples)
+    err.write(f"{n_new} tokens in {elapsed:.2f} s ({n_new / max(elapsed, 1e-9):.1f} tokens/s, "
+              f"prompt {len(prompt_ids) or 'empty: start token ' + str(start_token(tokenizer))}"
+              f"{' tokens' if prompt_ids else ''}, batch {args.num_samples}"
+              f"{', bf16 weights' if args.bf16_weights else ''})\n")
+    if args.spike_stats:
+        if decoder.spike_steps == 0:
+            err.write("spike stats: no generated token went through a step\n")
+        else:
+            rates = decoder.spike_counts / (decoder.spike_steps * model.config.n_embd)
+            err.write("firing rates of the generated tokens (fraction of neurons spiking per token):\n")
+            err.write("layer   att-LIF  ffn-LIF\n")
+            for l, (a, f) in enumerate(rates.tolist()):
+                err.write(f"{l:5d}   {a:7.4f}  {f:7.4f}\n")
+            err.write(f"mean    {rates[:, 0].mean():7.4f}  {rates[:, 1].mean():7.4f}\n")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Fast recurrent decoding: one token per call, the exact math of the parallel model (DESIGN §2).
+
+:class:`RecurrentDecoder` runs ``SpikeGPT`` one token at a time from a state of shape
+``(n_layer, 7, B, C)`` (the same state the parallel path takes and returns, see ``spikegpt.model``),
+with the per-token Python work cut to a few dozen tensor ops per layer:
+
+* the small per-channel tensors (``1 - mu``, ``e^u``, ``e^w`` with ``w = -exp(time_decay)``, the
+  token-shift mixes stacked per branch) are computed once and cached; the cache is rebuilt when any
+  parameter changes (in-place optimizer steps and ``load_state_dict`` included);
+* WKV runs as its single-step form: exactly the arithmetic ``ops.wkv_torch`` performs on a chunk of
+  one token (running max ``K = max(k, o)``, output ``(p e^{o-K} + e^{u+k-K} v) / (q e^{o-K} +
+  e^{u+k-K})``, then the state renormalised to ``q = 1``), so states are interchangeable between the
+  two paths;
+* LIF runs as one step of ``ops.lif_torch``: ``h = v + (x - v) / tau``, ``s = h >= v_th``,
+  ``v = h (1 - s)``, written directly into the new state.
+
+Elementwise ops use the same formulas, in the same order, as the parallel path, so they round the same
+way; the matrix products cannot (a (B, C) x (C, N) product is blocked differently from the (B*T, C)
+product of the parallel path, which moves results by an ulp or so).  On the reference checkpoints
+(spike rates 15-22%) this has not flipped a spike in our tests; ``tests/test_recurrent.py`` measures it.
+
+``weight_dtype=torch.bfloat16`` (opt-in, for CPU decoding speed) keeps a bf16 copy of every matrix;
+activations are rounded to bf16 only as matmul inputs, everything else (LayerNorm, WKV, LIF, the state)
+stays fp32.  That is an approximation of the model, not the model: spikes near threshold will flip.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import List, Tuple
+
+import torch
+
+from .model import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
+
+# _step_impl indexes the state slots by number (TorchScript has no module constants): check them.
+assert (ATT_SHIFT, FFN_SHIFT, WKV_P, WKV_Q, WKV_O, LIF_ATT, LIF_FFN) == (0, 1, 2, 3, 4, 5, 6)
+
+__all__ = ["RecurrentDecoder", "decoder_for"]
+
+
+def _param_key(model):
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+# Per-layer entries of the flat parameter list handed to the step function.
+_LN1W, _LN1B, _LN2W, _LN2B, _MU_ATT, _OMU_ATT, _WK, _WV, _WR, _WO, _EU, _EW, _MU_FFN, _OMU_FFN, \
+    _FK, _FR, _FV = range(17)
+_PER_LAYER = 17
+
+
+def _mm(x, w, cast: bool):
+    if cast:
+        return torch.mm(x.to(w.dtype), w).to(x.dtype)
+    return torch.mm(x, w)
+
+
+def _lif_step(x, inp, v, v_new, tau: float, v_th, spiking: bool, counts: List[torch.Tensor],
+              collect: bool):
+    """One step of ops.lif_torch, written into ``v_new``; returns ``x + spikes``."""
+    if not spiking:
+        v_new.copy_(v)
+        return x + inp
+    torch.add(v, (inp - v) / tau, out=v_new)  # h
+    fired = torch.ge(v_new, v_th)
+    v_new.masked_fill_(fired, 0.0)
+    if collect:
+        counts.append(fired.sum())
+    return x + fired
+
+
+def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_out_w, ln_out_b, head,
+               n_layer: int, eps: float, tau: float, v_th, tiny: float, binary: bool, spiking: bool,
+               cast: bool, collect: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    C = emb.shape[1]
+    x = torch.embedding(emb, tokens)
+    if binary:
+        x = torch.ge(x, 0.0).to(x.dtype)
+    x = torch.layer_norm(x, [C], ln0w, ln0b, eps)  # block 0's extra LayerNorm
+    new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+    new[:, 3] = 1.0  # WKV_Q: the parallel path renormalises q to 1 after every chunk
+    B = state.shape[2]
+    # All slot views at once (one op each instead of two selects per slot and layer).
+    S = state.reshape(n_layer * 7, B, C).unbind(0)
+    N = new.view(n_layer * 7, B, C).unbind(0)
+    counts: List[torch.Tensor] = []
+    for l in range(n_layer):
+        P = params[l * 17:(l + 1) * 17]
+        s0 = l * 7
+        # ---- TimeMix: token shift mixes (z mu + z_prev (1 - mu), as the parallel path), k, v, r
+        z = torch.layer_norm(x, [C], P[0], P[1], eps)
+        m = (z * P[4] + S[s0] * P[5]).unbind(0)
+        N[s0].copy_(z)
+        k = _mm(m[0], P[6], cast)
+        v = _mm(m[1], P[7], cast)
+        r = torch.sigmoid(_mm(m[2], P[8], cast))
+        # WKV, one token: ops.wkv_torch's chunk arithmetic for a chunk of length 1.
+        o = S[s0 + 4]
+        K = torch.maximum(k, o)
+        ek = torch.exp(k - K)
+        es = torch.exp(o - K)
+        a = S[s0 + 2] * es
+        b = S[s0 + 3] * es
+        now = P[10] * ek
+        y = (a + now * v) / (b + now)
+        den = (ek + P[11] * b).clamp_min_(tiny)
+        torch.div(ek * v + P[11] * a, den, out=N[s0 + 2])
+        torch.add(K, torch.log(den), out=N[s0 + 4])
+        x = _lif_step(x, _mm(r * y, P[9], cast), S[s0 + 5], N[s0 + 5], tau, v_th, spiking, counts, collect)
+        # ---- ChannelMix
+        z2 = torch.layer_norm(x, [C], P[2], P[3], eps)
+        m2 = (z2 * P[12] + S[s0 + 1] * P[13]).unbind(0)
+        N[s0 + 1].copy_(z2)
+        kk = torch.square(torch.relu(_mm(m2[0], P[14], cast)))
+        out = torch.sigmoid(_mm(m2[1], P[15], cast)) * _mm(kk, P[16], cast)
+        x = _lif_step(x, out, S[s0 + 6], N[s0 + 6], tau, v_th, spiking, counts, collect)
+    logits = _mm(torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps), head, cast)
+    return logits, new, counts
+
+
+_scripted = None
+
+
+def _compiled_step():
+    """``_step_impl`` under TorchScript (fewer Python round trips per op); eager if unavailable."""
+    global _scripted
+    if _scripted is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _scripted = torch.jit.script(_step_impl)
+        except Exception:  # TorchScript missing or broken in this torch: same math, eagerly
+            _scripted = _step_impl
+    return _scripted
+
+
+class RecurrentDecoder:
+    """A precomputed single-token decoder for ``model`` (see the module docstring).
+
+    ``step(tokens, state) -> (logits (B, V), new_state)``; ``state`` is left untouched.
+    ``weight_dtype``: None (the model's own weights, exact) or ``torch.bfloat16`` (opt-in speed mode).
+    ``script``: run the step under TorchScript (default; falls back to eager if unavailable).
+    Set ``collect_spikes = True`` to accumulate per-layer spike counts in ``spike_counts``
+    ((n_layer, 2) for the att / ffn LIFs) over ``spike_steps`` token steps.
+    """
+
+    def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True):
+        self.model = model
+        self.weight_dtype = weight_dtype
+        self.script = script
+        self._key = None
+        self.collect_spikes = False
+        self.spike_counts = None
+        self.spike_steps = 0
+        self._build()
+
+    @torch.no_grad()
+    def _build(self):
+        m, cfg = self.model, self.model.config
+        wd = self.weight_dtype
+
+        def mat(lin):  # (in, out): a transposed view, exactly what F.linear multiplies by
+            w = lin.weight.detach()
+            return (w if wd is None or w.dtype == wd else w.to(wd)).t()
+
+        params = []
+        for block in m.blocks:
+            a, f = block.att, block.ffn
+            w = -torch.exp(a.time_decay.detach())
+            compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+            w, u = w.to(compute), a.time_first.detach().to(compute)
+            # e^w exactly as wkv_torch's state decay for a one-token chunk: exp(arange(2) * w)[1].
+            ew = torch.exp(torch.arange(2, dtype=compute, device=w.device) * w[:, None])[:, 1].contiguous()
+            layer = [None] * _PER_LAYER
+            layer[_LN1W], layer[_LN1B] = block.ln1.weight.detach(), block.ln1.bias.detach()
+            layer[_LN2W], layer[_LN2B] = block.ln2.weight.detach(), block.ln2.bias.detach()
+            layer[_MU_ATT] = torch.cat([a.time_mix_k, a.time_mix_v, a.time_mix_r]).detach()  # (3, 1, C)
+            layer[_OMU_ATT] = torch.cat([1 - a.time_mix_k, 1 - a.time_mix_v, 1 - a.time_mix_r]).detach()
+            layer[_WK], layer[_WV], layer[_WR], layer[_WO] = (mat(a.key), mat(a.value), mat(a.receptance),
+                                                              mat(a.output))
+            layer[_EU], layer[_EW] = torch.exp(u), ew
+            layer[_MU_FFN] = torch.cat([f.time_mix_k, f.time_mix_r]).detach()  # (2, 1, C)
+            layer[_OMU_FFN] = torch.cat([1 - f.time_mix_k, 1 - f.time_mix_r]).detach()
+            layer[_FK], layer[_FR], layer[_FV] = mat(f.key), mat(f.receptance), mat(f.value)
+            params += layer
+        self.params = params
+        self.emb = m.emb.weight.detach()
+        self.ln0 = (m.blocks[0].ln0.weight.detach(), m.blocks[0].ln0.bias.detach())
+        self.ln_out = (m.ln_out.weight.detach(), m.ln_out.bias.detach())
+        self.head = mat(m.head)
+        self.v_th = torch.tensor(cfg.v_threshold, dtype=self.emb.dtype, device=self.emb.device)
+        self.cast = wd is not None and wd != self.emb.dtype
+        self.tiny = torch.finfo(self.emb.dtype).tiny
+        self._impl = _compiled_step() if self.script else _step_impl
+        self._key = _param_key(m)
+
+    def refresh(self):
+        """Rebuild the cached tensors if any parameter of the model changed since the last build."""
+        if _param_key(self.model) != self._key:
+            self._build()
+
+    def reset_spike_stats(self):
+        self.spike_counts = None
+        self.spike_steps = 0
+
+    @torch.no_grad()
+    def step(self, tokens, state):
+        """One token per sequence: ``tokens`` (B,) ids, ``state`` (n_layer, 7, B, C) -> logits (B, V),
+        new state (a new tensor; ``state`` is not modified)."""
+        self.refresh()
+        cfg = self.model.config
+        tokens = tokens.reshape(-1)
+        logits, new, counts = self._impl(
+            tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params, self.ln_out[0], self.ln_out[1],
+            self.head, cfg.n_layer, cfg.layer_norm_eps, float(cfg.tau), self.v_th, self.tiny,
+            bool(cfg.binary_embedding), bool(cfg.spiking), self.cast, bool(self.collect_spikes))
+        if self.collect_spikes and cfg.spiking:
+            c = torch.stack(counts).view(-1, 2).to("cpu", torch.float64)
+            self.spike_counts = c if self.spike_counts is None else self.spike_counts + c
+            self.spike_steps += tokens.numel()
+        return logits, new
+
+
+def decoder_for(model, weight_dtype: torch.dtype | None = None) -> RecurrentDecoder:
+    """The model's cached decoder (built on first use, rebuilt when the parameters change)."""
+    cache = model.__dict__.setdefault("_recurrent_decoders", {})
+    dec = cache.get(weight_dtype)
+    if dec is None:
+        dec = cache[weight_dtype] = RecurrentDecoder(model, weight_dtype)
+    return dec

@@ -1,0 +1,207 @@
+"""Recurrent mode (DESIGN §2): one ``step`` per token computes exactly the parallel model.
+
+Random models get their LIF-driving matrices scaled up so that the neurons actually fire (a default
+initialised model never reaches the threshold, which would make spiking parity vacuous)."""
+import numpy as np
+import pytest
+import torch
+
+import spikegpt
+from spikegpt import ModelConfig, SpikeGPT
+from spikegpt.model import LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
+from spikegpt.recurrent import RecurrentDecoder, decoder_for
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second OpenMP thread only adds synchronisation (and on a loaded
+    2-core machine, spin-waiting that slows the module down by 100x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def spiking_model(n_layer, vocab, n_embd=48, seed=0, scale=12.0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = SpikeGPT(ModelConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("att.output.weight", "ffn.value.weight")):
+                p.mul_(scale)
+    return model.to(dtype)
+
+
+def run_steps(model, idx, state=None, decoder=None):
+    step = decoder.step if decoder is not None else model.step
+    state = model.initial_state(idx.shape[0]) if state is None else state
+    out = []
+    for t in range(idx.shape[1]):
+        logits, state = step(idx[:, t], state)
+        out.append(logits)
+    return torch.stack(out, 1), state
+
+
+def firing_rate(model, idx):
+    dec = RecurrentDecoder(model)
+    dec.collect_spikes = True
+    run_steps(model, idx, decoder=dec)
+    return float(dec.spike_counts.sum() / (dec.spike_steps * 2 * model.config.n_layer * model.config.n_embd))
+
+
+@pytest.mark.parametrize("n_layer", [1, 2, 8])
+@pytest.mark.parametrize("vocab", [97, 256])
+def test_steps_equal_parallel(n_layer, vocab):
+    model = spiking_model(n_layer, vocab, seed=n_layer * 1000 + vocab)
+    idx = torch.randint(0, vocab, (3, 33), generator=torch.Generator().manual_seed(vocab))
+    with torch.no_grad():
+        parallel, par_state = model(idx, return_state=True)
+    recurrent, rec_state = run_steps(model, idx)
+    assert (recurrent - parallel).abs().max().item() <= TOL
+    assert firing_rate(model, idx) > 0.02  # the test exercises spikes
+    # Same state; WKV (p, q, o) compared through what it represents (p e^o, q e^o).
+    for slot in (0, 1, LIF_ATT, LIF_FFN):
+        torch.testing.assert_close(rec_state[:, slot], par_state[:, slot], rtol=0, atol=1e-5)
+    assert torch.equal(rec_state[:, WKV_Q], torch.ones_like(rec_state[:, WKV_Q]))
+
+
+@pytest.mark.parametrize("chunks", [[1] * 5 + [20], [3, 7, 11, 4], [25], [2, 23]])
+def test_chunked_prefill_then_steps(chunks):
+    model = spiking_model(2, 97, seed=5)
+    T = 33
+    idx = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(idx)
+        state, t, outs = model.initial_state(2), 0, []
+        for n in chunks:
+            logits, state = model(idx[:, t:t + n], state=state, return_state=True)
+            outs.append(logits)
+            t += n
+        rest, _ = run_steps(model, idx[:, t:], state)
+    got = torch.cat(outs + [rest], 1)
+    assert got.shape == full.shape
+    assert (got - full).abs().max().item() <= TOL
+
+
+def test_step_is_bitwise_forward_of_one_token():
+    """States are interchangeable: a fast step is exactly the parallel path run on one token."""
+    model = spiking_model(3, 97, seed=2)
+    idx = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(2))
+    s_fast = s_par = model.initial_state(4)
+    eager = RecurrentDecoder(model, script=False)
+    for t in range(idx.shape[1]):
+        before = s_fast.clone()
+        l_fast, s_fast_new = model.step(idx[:, t], s_fast)
+        assert torch.equal(s_fast, before)  # the input state is not modified
+        with torch.no_grad():
+            l_par, s_par = model(idx[:, t:t + 1], state=s_par, return_state=True)
+        assert torch.equal(l_fast, l_par[:, 0])
+        assert torch.equal(s_fast_new, s_par)
+        l_eager, s_eager = eager.step(idx[:, t], s_fast)  # the same math without TorchScript
+        assert torch.equal(l_eager, l_fast) and torch.equal(s_eager, s_fast_new)
+        s_fast = s_fast_new
+
+
+def test_batched_states_are_independent():
+    model = spiking_model(2, 256, seed=3)
+    idx = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(3))
+    together, st = run_steps(model, idx)
+    for b in range(3):
+        alone, st_b = run_steps(model, idx[b:b + 1])
+        assert torch.equal(alone[0], together[b]) or (alone[0] - together[b]).abs().max() <= TOL
+        assert (st_b[:, :, 0] - st[:, :, b]).abs().max() <= TOL
+
+
+def test_fp64_model():
+    model = spiking_model(2, 97, seed=4, dtype=torch.float64)
+    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        parallel = model(idx)
+    recurrent, state = run_steps(model, idx)
+    assert recurrent.dtype == state.dtype == torch.float64
+    assert (recurrent - parallel).abs().max().item() <= 1e-10
+
+
+def test_non_spiking_and_non_binary_configs():
+    torch.manual_seed(0)
+    for overrides in (dict(spiking=False), dict(binary_embedding=False), dict(v_threshold=0.05)):
+        model = SpikeGPT(ModelConfig(vocab_size=97, n_layer=2, n_embd=32, **overrides)).eval()
+        idx = torch.randint(0, 97, (2, 16))
+        with torch.no_grad():
+            parallel = model(idx)
+        recurrent, _ = run_steps(model, idx)
+        assert (recurrent - parallel).abs().max().item() <= TOL, overrides
+
+
+def test_decoder_follows_parameter_updates():
+    model = spiking_model(1, 97, seed=6)
+    idx = torch.randint(0, 97, (1, 8))
+    run_steps(model, idx)  # builds and caches the decoder
+    with torch.no_grad():
+        model.blocks[0].att.time_decay.add_(0.5)
+        model.blocks[0].ffn.time_mix_k.mul_(0.5)
+        model.ln_out.weight.mul_(2.0)
+        parallel = model(idx)
+    recurrent, _ = run_steps(model, idx)
+    assert (recurrent - parallel).abs().max().item() <= TOL
+    assert decoder_for(model) is decoder_for(model)
+
+
+def test_training_mode_falls_back_to_forward():
+    model = spiking_model(1, 97, seed=7).train()
+    model.config.dropout = 0.0
+    for block in model.blocks:
+        block.dropout.p = 0.0
+    logits, state = model.step(torch.tensor([1, 2]), model.initial_state(2))
+    assert logits.shape == (2, 97) and state.shape == (1, 7, 2, 48)
+
+
+def test_bf16_weights_mode_is_close():
+    model = spiking_model(2, 97, seed=8, scale=1.0)  # no spikes: bf16 rounding cannot flip any
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        parallel = model(idx)
+    dec = RecurrentDecoder(model, torch.bfloat16)
+    got, state = run_steps(model, idx, decoder=dec)
+    assert got.dtype == state.dtype == torch.float32
+    assert (got - parallel).abs().max().item() < 0.05 * parallel.abs().max().item()
+
+
+@pytest.mark.parametrize("name", ["tiny_l2_v77", "tiny_l8_v97"])
+def test_reference_checkpoints(shared_reference, name):
+    base = shared_reference / name
+    model = spikegpt.from_reference(base.with_suffix(".pth"), base.with_suffix(".json"))
+    io = np.load(shared_reference / f"{name}_io.npz")
+    idx = torch.from_numpy(io["idx"]).long()
+    B, T = idx.shape
+    with torch.no_grad():
+        parallel = model(idx)
+    torch.testing.assert_close(parallel, torch.from_numpy(io["logits"]).float(), rtol=0, atol=1e-4)
+    recurrent, _ = run_steps(model, idx)
+    assert (recurrent - parallel).abs().max().item() <= TOL
+    assert firing_rate(model, idx) > 0.1  # 15-22% in these checkpoints
+    # Prefill in uneven chunks, then steps.
+    with torch.no_grad():
+        state, outs, t = model.initial_state(B), [], 0
+        for n in (1, 5, 2):
+            logits, state = model(idx[:, t:t + n], state=state, return_state=True)
+            outs.append(logits)
+            t += n
+    rest, _ = run_steps(model, idx[:, t:], state)
+    assert (torch.cat(outs + [rest], 1) - parallel).abs().max().item() <= TOL
+
+
+def test_step_records_spikes_through_forward_when_recording():
+    """While LIF modules record spikes (spikegpt.analyze), step goes through them (forward path)."""
+    model = spiking_model(1, 97, seed=9)
+    if not hasattr(model.blocks[0].lif1, "record"):
+        pytest.skip("this model has no LIF spike recording")
+    state = model.initial_state(2)
+    fast, _ = model.step(torch.tensor([3, 4]), state)
+    for block in model.blocks:
+        block.lif1.record = block.lif2.record = "rate"
+    slow, _ = model.step(torch.tensor([3, 4]), state)
+    assert torch.equal(fast, slow)
+    assert model.blocks[0].lif1.spike_steps == 2
