@@ -25,6 +25,7 @@ from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from . import ops
+from .analyze import firing_rates, record_spikes
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_checkpoint,
                          model_from_checkpoint, prune_checkpoints, read_checkpoint, versions)
 from .config import ModelConfig, TrainConfig, preset, split_overrides
@@ -458,11 +459,16 @@ def _run(args, rank, world, device) -> dict:
                     say(f"step {step:6d}  loss {loss_value:.4f}  bpb {record['bits_per_byte']:.3f}  "
                         f"lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s")
             if val_tokens is not None and train_cfg.eval_interval and step % train_cfg.eval_interval == 0:
-                val_loss = estimate_loss(model, val_tokens, train_cfg, model_cfg.ctx_len, device, autocast,
-                                         rank, world)
-                last_eval = {"step": step, "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2)}
+                with record_spikes(model):
+                    val_loss = estimate_loss(model, val_tokens, train_cfg, model_cfg.ctx_len, device, autocast,
+                                             rank, world)
+                rates = firing_rates(model, "rate/")
+                last_eval = {"step": step, "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2),
+                             **rates}
                 log(last_eval)
-                say(f"step {step:6d}  val loss {val_loss:.4f}  val bits/token {val_loss / math.log(2):.3f}")
+                say(f"step {step:6d}  val loss {val_loss:.4f}  val bits/token {val_loss / math.log(2):.3f}"
+                    + (f"  firing rate att {rates['rate/att']:.3f} ffn {rates['rate/ffn']:.3f} "
+                       f"emb {rates['rate/emb']:.3f}" if rates else ""))
             if step % checkpoint_interval == 0 or step == train_cfg.max_iters:
                 save(last_eval)
             if stop_signal:
@@ -496,9 +502,11 @@ def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, l
         return {}
     tokens = open_split(data_dir, split, meta)
     start = time.perf_counter()
-    result = evaluate_tokens(model, tokens, window=model_cfg.ctx_len, carry_state=args.eval_carry_state,
-                             streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
-                             autocast=autocast, part=(rank, world))
+    with record_spikes(model):
+        result = evaluate_tokens(model, tokens, window=model_cfg.ctx_len, carry_state=args.eval_carry_state,
+                                 streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
+                                 autocast=autocast, part=(rank, world))
+    result.update(firing_rates(model, "rate/"))
     nll, count = all_reduce_sum([result["nll_sum"], result["predicted_tokens"]], world, device)
     result.update(nll_sum=nll, predicted_tokens=int(count), loss=nll / count)
     result.update(unit_metrics(nll, int(count), meta["splits"][split]))

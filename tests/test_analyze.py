@@ -1,0 +1,252 @@
+"""Spike analytics: recording, firing rates, hand-checked operation counts, CLI and pictures."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from spikegpt import ModelConfig, SpikeGPT
+from spikegpt import model as model_module
+from spikegpt.analyze import (SpikeRates, analyze, count_rwkv, count_transformer, firing_rates,
+                              record_spikes, spike_stats, summarize_counts)
+from spikegpt.checkpoint import save_model
+from spikegpt.data import prepare_splits
+
+# ---------------------------------------------------------------------------------------------------
+# Counting, by hand.  Tiny config: L = 2, C = 4, F = 4C = 16, V = 10.
+# Rates: rho_emb = 0.5, rho_att = [0.25, 0.5], rho_ffn = [0.75, 0.25].
+# ---------------------------------------------------------------------------------------------------
+TINY = ModelConfig(vocab_size=10, n_layer=2, n_embd=4, ctx_len=7)
+RATES = SpikeRates(emb=0.5, att=[0.25, 0.5], ffn=[0.75, 0.25])
+
+# (b) code convention, per token, summed over the 2 layers:  module: (MAC, AC)
+CODE = {
+    "embedding": (0, 0),                     # table read
+    "layernorm": (72, 48),                   # (2L+2)=6 LNs: 6*3C = 72 MAC, 6*2C = 48 AC
+    "att.shift_mix": (48, 0),                # L*3*2C = 2*3*8
+    "att.key_value_receptance": (96, 0),     # L*3C^2 = 2*3*16
+    "att.wkv": (88, 64),                     # L*11C = 88, L*8C = 64
+    "att.gate": (16, 0),                     # L*2C
+    "att.output": (32, 0),                   # L*C^2
+    "att.lif": (8, 16),                      # L*C, L*2C
+    "att.residual": (0, 3),                  # C*(0.25+0.5) = 3 spikes added
+    "ffn.shift_mix": (32, 0),                # L*2*2C
+    "ffn.key": (128, 0),                     # L*C*F = 2*64
+    "ffn.relu_square": (32, 32),             # L*F, L*F
+    "ffn.receptance": (32, 0),               # L*C^2
+    "ffn.value": (128, 0),                   # L*F*C
+    "ffn.gate": (16, 0),                     # L*2C
+    "ffn.lif": (8, 16),                      # L*C, L*2C
+    "ffn.residual": (0, 4),                  # C*(0.75+0.25) = 4
+    "head": (40, 0),                         # V*C
+}
+# Totals: MAC 72+48+96+88+16+32+8+32+128+32+32+128+16+8+40 = 776; AC 48+64+16+3+32+16+4 = 183.
+# Energy (4.6, 0.9): 776*4.6 + 183*0.9 = 3569.6 + 164.7 = 3734.3 pJ.
+
+# (a) paper: projections become ACs at the input spike rate.  TimeMix inputs: layer 0 the embedding
+# (0.5), layer 1 layer 0's ffn (0.75); ChannelMix inputs: the same layer's att (0.25, 0.5); head: the
+# last ffn (0.25).
+PAPER_MATMUL = {
+    "att.key_value_receptance": (0, 60),     # 48*0.5 + 48*0.75 = 24 + 36
+    "att.output": (0, 20),                   # 16*0.5 + 16*0.75 = 8 + 12
+    "ffn.key": (0, 48),                      # 64*0.25 + 64*0.5 = 16 + 32
+    "ffn.receptance": (0, 12),               # 16*0.25 + 16*0.5 = 4 + 8
+    "ffn.value": (0, 48),                    # as ffn.key
+    "head": (0, 10),                         # 40*0.25
+}
+# Totals: MAC 776 - 456 = 320; AC 183 + 198 = 381; energy 320*4.6 + 381*0.9 = 1472 + 342.9 = 1814.9 pJ.
+# Matmul-only: 198 AC -> 178.2 pJ.
+
+# Transformer, ctx 7 -> t_bar = 4 keys per query; H = max(1, 4 // 64) = 1 head.
+TRANSFORMER = {
+    "embedding": (0, 4),                     # position add: C
+    "layernorm": (60, 40),                   # (2L+1)=5 LNs: 5*12, 5*8
+    "attn.qkv": (96, 0),                     # L*3C^2
+    "attn.scale": (8, 0),                    # L*C
+    "attn.scores": (32, 0),                  # L*t_bar*C = 2*4*4
+    "attn.softmax": (16, 16),                # L*H*t_bar*2 = 2*1*4*2 each
+    "attn.weighted_sum": (32, 0),            # L*t_bar*C
+    "attn.output": (32, 0),                  # L*C^2
+    "attn.residual": (0, 8),                 # L*C
+    "mlp.fc": (128, 0),                      # L*C*F
+    "mlp.gelu": (32, 0),                     # L*F
+    "mlp.proj": (128, 0),                    # L*F*C
+    "mlp.residual": (0, 8),                  # L*C
+    "head": (40, 0),                         # V*C
+}
+# Totals: MAC 60+96+8+32+16+32+32+128+32+128+40 = 604; AC 40+4+16+8+8 = 76.
+
+
+def as_pairs(rows):
+    return {k: (v["mac"], v["ac"]) for k, v in rows.items()}
+
+
+def test_code_convention_by_hand():
+    rows = count_rwkv(TINY, RATES, "code")
+    assert as_pairs(rows) == pytest.approx(CODE)
+    s = summarize_counts(rows, 4.6, 0.9)
+    assert s["total"]["mac"] == 776 and s["total"]["ac"] == pytest.approx(183)
+    assert s["total"]["energy_pj"] == pytest.approx(3734.3)
+    assert s["matmul"]["mac"] == 456 and s["matmul"]["ac"] == 0
+
+
+def test_paper_convention_by_hand():
+    rows = as_pairs(count_rwkv(TINY, RATES, "paper"))
+    expected = {**CODE, **PAPER_MATMUL}
+    assert rows == pytest.approx(expected)
+    s = summarize_counts(count_rwkv(TINY, RATES, "paper"), 4.6, 0.9)
+    assert s["total"]["mac"] == 320 and s["total"]["ac"] == pytest.approx(381)
+    assert s["total"]["energy_pj"] == pytest.approx(1814.9)
+    assert s["matmul"]["energy_pj"] == pytest.approx(178.2)
+
+
+def test_rwkv_twin_by_hand():
+    rows = as_pairs(count_rwkv(TINY, None, "rwkv"))
+    # No LIF; dense residual adds of real values: L*C = 8 AC per branch.
+    expected = {**CODE, "att.lif": (0, 0), "ffn.lif": (0, 0), "att.residual": (0, 8), "ffn.residual": (0, 8)}
+    assert rows == pytest.approx(expected)
+    s = summarize_counts(count_rwkv(TINY, None, "rwkv"), 4.6, 0.9)
+    assert s["total"]["mac"] == 760 and s["total"]["ac"] == 160  # 776-16 MAC; 48+64+8+32+8 AC
+
+
+def test_transformer_by_hand():
+    rows = count_transformer(TINY, ctx_len=7)
+    assert as_pairs(rows) == pytest.approx(TRANSFORMER)
+    s = summarize_counts(rows, 4.6, 0.9)
+    assert s["total"]["mac"] == 604 and s["total"]["ac"] == 76
+    assert s["total"]["energy_pj"] == pytest.approx(604 * 4.6 + 76 * 0.9)
+
+
+def test_code_matmuls_are_the_weight_matrices():
+    # 45M preset shape: every weight matrix but the embedding is read once per token: L*13C^2 + VC.
+    cfg = ModelConfig(vocab_size=256, n_layer=12, n_embd=512)
+    s = summarize_counts(count_rwkv(cfg, None, "rwkv"))
+    assert s["matmul"]["mac"] == 12 * 13 * 512 * 512 + 256 * 512 == 41_025_536
+    assert s["matmul"]["mac"] == cfg.n_params - 256 * 512 - 12 * 11 * 512 - 4 * 512
+
+
+def test_spiking_conventions_need_rates():
+    with pytest.raises(ValueError, match="rates"):
+        count_rwkv(TINY, None, "code")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recording.
+# ---------------------------------------------------------------------------------------------------
+def spiky_model(seed=0, **kw):
+    """A tiny model whose LIF neurons do fire (amplified branch outputs)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=256, n_layer=2, n_embd=16, ctx_len=16, **kw)
+    m = SpikeGPT(cfg).eval()
+    with torch.no_grad():
+        for block in m.blocks:
+            block.att.output.weight.mul_(8.0)
+            block.ffn.value.weight.mul_(8.0)
+    return m
+
+
+def test_firing_rates_equal_manual_count(monkeypatch):
+    m = spiky_model()
+    idx = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(1))
+    seen = []
+    real_lif = model_module.ops.lif
+
+    def spy(*args, **kwargs):
+        out = real_lif(*args, **kwargs)
+        seen.append(out[0].detach().clone())
+        return out
+
+    monkeypatch.setattr(model_module.ops, "lif", spy)
+    with record_spikes(m):
+        m(idx[:, :12])
+        m(idx[:, 12:])  # a second call: the rates accumulate over both
+    rates = firing_rates(m)
+    # Calls are in order: (call 1: att0, ffn0, att1, ffn1), (call 2: att0, ffn0, att1, ffn1).
+    assert len(seen) == 8
+    for i, key in enumerate(["att.0", "ffn.0", "att.1", "ffn.1"]):
+        spikes = float(seen[i].sum() + seen[i + 4].sum())
+        neurons_x_tokens = seen[i].numel() + seen[i + 4].numel()  # 3*12*16 + 3*8*16
+        assert neurons_x_tokens == 960
+        assert rates[key] == pytest.approx(spikes / neurons_x_tokens, abs=1e-12)
+    assert 0 < rates["all"] < 1
+    emb = (m.emb(idx) >= 0).double().mean().item()
+    assert rates["emb"] == pytest.approx(emb, abs=1e-12)
+    assert rates["att"] == pytest.approx((rates["att.0"] + rates["att.1"]) / 2)
+
+
+def test_recording_off_by_default_and_harmless():
+    m = spiky_model()
+    idx = torch.randint(0, 256, (2, 10))
+    m.train(False)
+    plain = m(idx)
+    assert firing_rates(m) == {} and all(b.lif1.spike_counts is None for b in m.blocks)
+    with record_spikes(m):
+        recorded = m(idx)
+    assert torch.equal(plain, recorded)
+    assert all(b.lif1.record is None and b.lif2.record is None for b in m.blocks)
+    assert not m.emb._forward_hooks
+    # Gradients flow unchanged while recording (training mode, no dropout).
+    m.train()
+    for b in m.blocks:
+        b.dropout.p = 0.0
+    g = []
+    for rec in (False, True):
+        m.zero_grad()
+        with record_spikes(m) if rec else torch.enable_grad():
+            m(idx, targets=idx)[1].backward()
+        g.append(m.emb.weight.grad.clone())
+    assert torch.equal(g[0], g[1])
+
+
+def test_no_spike_model_has_no_rates_and_counts_all_macs():
+    m = spiky_model(spiking=False, binary_embedding=False)
+    report = analyze(m, np.arange(300) % 256, n_tokens=40)
+    assert firing_rates(m) == {}
+    assert report["firing_rates"]["embedding_ones"] is None
+    assert all("att" not in row for row in report["firing_rates"]["layers"])
+    conv = report["conventions"]
+    assert conv["paper"]["total"] == conv["code"]["total"] == conv["rwkv"]["total"]
+    assert conv["paper"]["matmul"]["ac"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI and pictures.
+# ---------------------------------------------------------------------------------------------------
+TEXT = ("The spiking neurons of SpikeGPT fire when their membrane crosses the threshold. " * 40)
+
+
+@pytest.fixture(scope="module")
+def run_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("analyze")
+    prepare_splits(TEXT, d / "data", vocab="byte")
+    save_model(d / "model.pt", spiky_model())
+    return d
+
+
+def test_cli_smoke(run_files):
+    out = run_files / "report.json"
+    r = subprocess.run([sys.executable, "-m", "spikegpt.analyze", "--ckpt", str(run_files / "model.pt"),
+                        "--data-dir", str(run_files / "data"), "--split", "valid", "--tokens", "100",
+                        "--json", str(out), "--e-mac", "5", "--e-ac", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "firing rates" in r.stdout and "energy per token" in r.stdout and "Transformer" in r.stdout
+    rep = json.loads(out.read_text())
+    assert rep["split"] == "val" and rep["tokens_analyzed"] == 100
+    assert set(rep["conventions"]) == {"paper", "code", "rwkv", "transformer"}
+    code = rep["conventions"]["code"]["total"]
+    assert code["energy_pj"] == pytest.approx(code["mac"] * 5 + code["ac"] * 1)
+    assert len(rep["firing_rates"]["layers"]) == 2 and rep["firing_rates"]["layers"][0]["att"] > 0
+
+
+def test_raster(run_files, capsys):
+    pytest.importorskip("matplotlib")
+    from spikegpt.analyze import main
+
+    png = run_files / "raster.png"
+    rc = main(["--ckpt", str(run_files / "model.pt"), "--data-dir", str(run_files / "data"), "--tokens", "50",
+               "--raster", str(png), "--raster-prompt", "fire when", "--raster-layer", "-1"])
+    assert rc == 0, capsys.readouterr().err
+    assert png.stat().st_size > 1000 and (run_files / "raster_rates.png").stat().st_size > 1000
