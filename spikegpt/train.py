@@ -521,12 +521,13 @@ def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, l
 
 
 def sample_text(model, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
+    """A sample of ``n_tokens`` after ``prompt`` (characters outside a char vocabulary become its
+    unknown id), temperature 0.8, nucleus 0.95."""
     from .generate import generate
-    ids = tokenizer.encode(prompt) if prompt else []
+    ids = tokenizer.encode(prompt, errors="unk") if tokenizer.kind == "char" else tokenizer.encode(prompt)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    out = generate(model, ids, max_new_tokens=n_tokens, temperature=0.8, top_k=None, top_p=0.95,
-                   generator=generator)
-    return prompt + tokenizer.decode(out[0] if out and isinstance(out[0], list) else out)
+    (new_ids,) = generate(model, ids, max_new_tokens=n_tokens, temperature=0.8, top_p=0.95, generator=generator)
+    return prompt + tokenizer.decode(new_ids)
 
 
 def main(argv=None) -> int:
