@@ -110,7 +110,7 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
     state_decay = torch.exp(steps * w[:, None])[:, :, None]  # (C, L+1, 1): e^{j w}
     eu = torch.exp(u)[:, None, None]
 
-    ys, den_min = [], math.inf
+    ys, den_mins = [], []
     for t0 in range(0, T, L):
         kc, vc = k[:, t0:t0 + L], v[:, t0:t0 + L]  # (C, n, B)
         n = kc.shape[1]
@@ -124,11 +124,11 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
         now = eu * ek
         den_now = den[:, :n] + now
         ys.append((num[:, :n] + now * vc) / den_now)
-        den_min = min(den_min, float(den_now.detach().amin()), float(den[:, n].detach().amin()))
+        den_mins += [den_now.detach().amin(), den[:, n].detach().amin()]
         q_end = den[:, n].clamp_min(torch.finfo(compute).tiny)
         p, q, o = num[:, n] / q_end, torch.ones_like(q_end), K + torch.log(q_end)
     y = torch.cat(ys, dim=1).permute(2, 1, 0)
-    return y, (p.T, q.T, o.T), den_min
+    return y, (p.T, q.T, o.T), float(torch.stack(den_mins).amin())  # one device sync per call
 
 
 # --------------------------------------------------------------------------------------------------
