@@ -261,3 +261,16 @@ def test_wandb_offline_needs_no_network(byte_data, tmp_path, monkeypatch):
     run_train(small_args(byte_data, tmp_path / "run", "--max-iters", "2", "--wandb-mode", "offline"))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert runs, "no offline wandb run was written"
+
+
+def test_init_from_starts_a_new_run_from_the_weights(byte_data, tmp_path):
+    run_train(small_args(byte_data, tmp_path / "base", "--max-iters", "3"))
+    base = final_params(tmp_path / "base")
+    run_train(small_args(byte_data, tmp_path / "tuned", "--max-iters", "2", "--lr", "1e-5",
+                         "--init-from", str(tmp_path / "base")))
+    tuned = read_checkpoint(tmp_path / "tuned")
+    assert tuned["step"] == 2 and tuned["train_config"]["lr"] == 1e-5
+    assert json.loads((tmp_path / "tuned" / "config.json").read_text())["init_from"].endswith("ckpt-00000003.pt")
+    # A small learning rate moves the weights only a little away from the base model's.
+    drift = max((tuned["model"][k] - base[k]).abs().max().item() for k in base)
+    assert 0 < drift < 1e-3
