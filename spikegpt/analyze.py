@@ -102,14 +102,12 @@ CLI: ``python -m spikegpt.analyze --ckpt RUN_OR_FILE [--data-dir DIR] [--split v
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .model import LIF
 
 E_MAC_45NM = 4.6  # pJ, 32-bit float multiply-accumulate (45 nm)
 E_AC_45NM = 0.9  # pJ, 32-bit float add (45 nm)
@@ -616,7 +614,8 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from . import ops
-    from .checkpoint import CheckpointError, from_reference, load
+    from .checkpoint import CheckpointError, load_any
+    from .config import resolve_device
     from .data import DataError, default_corpus_dir, load_meta, load_tokenizer, open_split
 
     p = argparse.ArgumentParser(prog="python -m spikegpt.analyze", description=main.__doc__,
@@ -643,21 +642,13 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", default="auto", choices=list(ops.BACKENDS), help="WKV/LIF implementation")
     args = p.parse_args(argv)
     try:
-        if bool(args.ckpt) == bool(args.reference):
-            raise CheckpointError("pass exactly one of --ckpt or --reference (with --reference-config)")
         if args.tokens < 1:
             raise ValueError("--tokens must be >= 1")
         if args.raster:
             _require_matplotlib()
         ops.set_backend(args.kernels)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
-        if args.reference:
-            if not args.reference_config:
-                raise CheckpointError("--reference needs --reference-config JSON")
-            model = from_reference(args.reference, args.reference_config).to(device)
-        else:
-            model = load(args.ckpt, device)
+        device = resolve_device(args.device)
+        model = load_any(args.ckpt, args.reference, args.reference_config, device)
         data_dir = args.data_dir or default_corpus_dir()
         split = "val" if args.split == "valid" else args.split
         meta = load_meta(data_dir)

@@ -140,6 +140,26 @@ def load(path, device="cpu") -> SpikeGPT:
     return model_from_checkpoint(read_checkpoint(path), device)
 
 
+def load_any(ckpt=None, reference=None, reference_config=None, device="cpu", **config_overrides) -> SpikeGPT:
+    """The model a command line names: one of our checkpoints (``ckpt``: a file or a run directory)
+    or a reference state dict (``reference`` with its ``reference_config``).  ``config_overrides``
+    (``binary_embedding``, ``v_threshold``, ...; None values ignored) apply to reference imports."""
+    config_overrides = {k: v for k, v in config_overrides.items() if v is not None}
+    if (ckpt is None) == (reference is None):
+        raise CheckpointError("pass exactly one of --ckpt and --reference")
+    if reference is None:
+        if config_overrides:
+            raise CheckpointError(f"{sorted(config_overrides)} apply to --reference imports only; a "
+                                  "checkpoint of ours records its config")
+        return load(ckpt, device)
+    if reference_config is None:
+        raise CheckpointError("--reference needs --reference-config JSON (a reference checkpoint carries no config)")
+    config = reference_config
+    if config_overrides:
+        config = {**ModelConfig.from_reference_json(reference_config).to_dict(), **config_overrides}
+    return from_reference(reference, config).to(device)
+
+
 def save_model(path, model: SpikeGPT, tokenizer=None, extra: dict | None = None) -> None:
     """Write a model-only checkpoint (no optimizer), e.g. a converted reference model."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer

@@ -111,6 +111,19 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def resolve_device(name: str = "auto"):
+    """``"auto"`` -> cuda if available else cpu; otherwise ``torch.device(name)``, refusing a CUDA
+    device on a machine without one."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available; use cpu")
+    return device
+
+
 def split_overrides(overrides: dict) -> tuple[dict, dict]:
     """Split a flat dict of overrides into (ModelConfig fields, TrainConfig fields)."""
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -129,4 +142,4 @@ def preset(name: str) -> tuple[dict, dict]:
     return split_overrides(PRESETS[name])
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "split_overrides"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "split_overrides", "resolve_device"]

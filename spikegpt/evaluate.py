@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from . import ops
-    from .checkpoint import CheckpointError, from_reference, load
+    from .checkpoint import CheckpointError, load_any
+    from .config import resolve_device
     from .data import DataError, load_meta, open_split
     from .metrics import unit_metrics
 
@@ -100,17 +101,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", dest="json_out", help="also write the result as JSON to this file")
     args = p.parse_args(argv)
     try:
-        if bool(args.ckpt) == bool(args.reference):
-            raise CheckpointError("pass exactly one of --ckpt or --reference (with --reference-config)")
         ops.set_backend(args.kernels)
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if args.device == "auto" else args.device))
-        if args.reference:
-            if not args.reference_config:
-                raise CheckpointError("--reference needs --reference-config JSON")
-            model = from_reference(args.reference, args.reference_config).to(device)
-        else:
-            model = load(args.ckpt, device)
+        device = resolve_device(args.device)
+        model = load_any(args.ckpt, args.reference, args.reference_config, device)
         split = "val" if args.split == "valid" else args.split
         meta = load_meta(args.data_dir)
         if meta["vocab_size"] != model.config.vocab_size:

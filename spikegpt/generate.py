@@ -285,21 +285,11 @@ def load_tokenizer(spec: str):
 
 
 def load_model(args):
-    import spikegpt
-    from .checkpoint import CheckpointError
-    if (args.ckpt is None) == (args.reference is None):
-        raise UsageError("pass exactly one of --ckpt and --reference")
+    from .checkpoint import CheckpointError, load_any
     try:
-        if args.reference is not None:
-            if args.reference_config is None:
-                raise UsageError("--reference needs --reference-config JSON (a reference checkpoint carries no config)")
-            config = _reference_config(args.reference_config, args.binary_embedding, args.v_threshold)
-            model = spikegpt.from_reference(args.reference, config)
-        else:
-            if args.binary_embedding is not None or args.v_threshold is not None:
-                raise UsageError("--binary-embedding/--v-threshold apply to --reference imports only")
-            model = spikegpt.load(args.ckpt)
-    except CheckpointError as e:
+        model = load_any(args.ckpt, args.reference, args.reference_config,
+                         binary_embedding=args.binary_embedding, v_threshold=args.v_threshold)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
     if tokenizer is None:
@@ -311,18 +301,6 @@ def load_model(args):
         raise UsageError(f"tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
                          f"({model.config.vocab_size}): pass the tokenizer the model was trained with")
     return model, tokenizer
-
-
-def _reference_config(path, binary_embedding, v_threshold) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"reference config {path} not found")
-    config = json.loads(p.read_text())
-    if binary_embedding is not None:
-        config["binary_embedding"] = binary_embedding
-    if v_threshold is not None:
-        config["v_threshold"] = v_threshold
-    return config
 
 
 def _encode_prompt(tokenizer, text: str) -> list[int]:
@@ -372,14 +350,13 @@ def run(args, out=None, err=None) -> None:
     else:
         generator.seed()
 
-    on_text = None
-    if args.stream:
-        out.write(prompt)
+    def write_piece(_sample, piece):
+        out.write(piece)
         out.flush()
 
-        def on_text(_b, piece):
-            out.write(piece)
-            out.flush()
+    on_text = write_piece if args.stream else None
+    if args.stream:
+        write_piece(0, prompt)
 
     t0 = time.perf_counter()
     samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,

@@ -27,8 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import ops
 from .analyze import firing_rates, record_spikes
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_checkpoint,
-                         model_from_checkpoint, prune_checkpoints, read_checkpoint, versions)
-from .config import ModelConfig, TrainConfig, preset, split_overrides
+                         prune_checkpoints, read_checkpoint, versions)
+from .config import ModelConfig, TrainConfig, preset, resolve_device, split_overrides
 from .data import DataError, default_corpus_dir, load_meta, open_split, sample_batch
 from .evaluate import evaluate_tokens
 from .metrics import unit_metrics
@@ -139,12 +139,10 @@ def make_optimizer(model: SpikeGPT, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name} was requested but CUDA is not available; use --device cpu")
-    return device
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise TrainingError(f"--device: {e}") from None
 
 
 def init_distributed(device_name: str):

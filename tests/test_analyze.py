@@ -10,7 +10,7 @@ import torch
 from spikegpt import ModelConfig, SpikeGPT
 from spikegpt import model as model_module
 from spikegpt.analyze import (SpikeRates, analyze, count_rwkv, count_transformer, firing_rates,
-                              record_spikes, spike_stats, summarize_counts)
+                              record_spikes, summarize_counts)
 from spikegpt.checkpoint import save_model
 from spikegpt.data import prepare_splits
 

@@ -162,7 +162,7 @@ def test_prepare_documents_content_workers_and_hash_split(corpus, tiny_tok, tmp_
     o1, o2 = tmp_path / "w1", tmp_path / "w2"
     m1 = prepare_documents([root], o1, tok, val_fraction=0.25, shard_tokens=1000, workers=1, batch_docs=7,
                            progress=False, log=None)
-    m2 = prepare_documents([root], o2, tok, val_fraction=0.25, shard_tokens=1000, workers=2, batch_docs=7,
+    prepare_documents([root], o2, tok, val_fraction=0.25, shard_tokens=1000, workers=2, batch_docs=7,
                            progress=False, log=None)
     assert (o1 / "meta.json").read_bytes() == (o2 / "meta.json").read_bytes()
     assert _all_bytes(o1) == _all_bytes(o2)
