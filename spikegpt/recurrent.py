@@ -11,8 +11,13 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
   one token (running max ``K = max(k, o)``, output ``(p e^{o-K} + e^{u+k-K} v) / (q e^{o-K} +
   e^{u+k-K})``, then the state renormalised to ``q = 1``), so states are interchangeable between the
   two paths;
-* LIF runs as one step of ``ops.lif_torch``: ``h = v + (x - v) / tau``, ``s = h >= v_th``,
-  ``v = h (1 - s)``, written directly into the new state.
+* LIF runs as one step of ``ops.lif_torch``: ``h = v + (x - v) / tau`` (one ``addcdiv``, which rounds
+  the same: its kernel is ``v + 1 * d / tau``, and a division feeding the add cannot be FMA-contracted),
+  ``s = h >= v_th``, ``v = h (1 - s)``;
+* the new state is assembled by one ``stack`` at the end; the ops run under ``torch.inference_mode``
+  (no autograd dispatch), writing the caller-visible outputs into ordinary tensors; the small
+  per-layer tensors are packed into one buffer per layer (they are re-fetched from memory after every
+  matmul's weight stream, so locality matters).
 
 Elementwise ops use the same formulas, in the same order, as the parallel path, so they round the same
 way; the matrix products cannot (a (B, C) x (C, N) product is blocked differently from the (B*T, C)
@@ -26,7 +31,7 @@ stays fp32.  That is an approximation of the model, not the model: spikes near t
 from __future__ import annotations
 
 import warnings
-from typing import List, Tuple
+from typing import List
 
 import torch
 
@@ -54,34 +59,31 @@ def _mm(x, w, cast: bool):
     return torch.mm(x, w)
 
 
-def _lif_step(x, inp, v, v_new, tau: float, v_th, spiking: bool, counts: List[torch.Tensor],
-              collect: bool):
-    """One step of ops.lif_torch, written into ``v_new``; returns ``x + spikes``."""
+def _lif_step(x, inp, v, tau, v_th, spiking: bool, counts: List[torch.Tensor], collect: bool,
+              slots: List[torch.Tensor]):
+    """One step of ops.lif_torch (new membrane appended to ``slots``); returns ``x + spikes``."""
     if not spiking:
-        v_new.copy_(v)
+        slots.append(v)
         return x + inp
-    torch.add(v, (inp - v) / tau, out=v_new)  # h
-    fired = torch.ge(v_new, v_th)
-    v_new.masked_fill_(fired, 0.0)
+    h = torch.addcdiv(v, inp - v, tau)  # == v + (inp - v) / tau, bitwise (no FMA: a div feeds the add)
+    fired = torch.ge(h, v_th)
+    slots.append(h.masked_fill_(fired, 0.0))
     if collect:
         counts.append(fired.sum())
     return x + fired
 
 
 def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_out_w, ln_out_b, head,
-               n_layer: int, eps: float, tau: float, v_th, tiny: float, binary: bool, spiking: bool,
-               cast: bool, collect: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+               n_layer: int, eps: float, tau, v_th, ones, tiny: float, binary: bool, spiking: bool,
+               cast: bool, collect: bool, logits, new) -> List[torch.Tensor]:
     C = emb.shape[1]
     x = torch.embedding(emb, tokens)
     if binary:
         x = torch.ge(x, 0.0).to(x.dtype)
     x = torch.layer_norm(x, [C], ln0w, ln0b, eps)  # block 0's extra LayerNorm
-    new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
-    new[:, 3] = 1.0  # WKV_Q: the parallel path renormalises q to 1 after every chunk
     B = state.shape[2]
-    # All slot views at once (one op each instead of two selects per slot and layer).
     S = state.reshape(n_layer * 7, B, C).unbind(0)
-    N = new.view(n_layer * 7, B, C).unbind(0)
+    slots: List[torch.Tensor] = []
     counts: List[torch.Tensor] = []
     for l in range(n_layer):
         P = params[l * 17:(l + 1) * 17]
@@ -89,7 +91,6 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_ou
         # ---- TimeMix: token shift mixes (z mu + z_prev (1 - mu), as the parallel path), k, v, r
         z = torch.layer_norm(x, [C], P[0], P[1], eps)
         m = (z * P[4] + S[s0] * P[5]).unbind(0)
-        N[s0].copy_(z)
         k = _mm(m[0], P[6], cast)
         v = _mm(m[1], P[7], cast)
         r = torch.sigmoid(_mm(m[2], P[8], cast))
@@ -103,18 +104,22 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_ou
         now = P[10] * ek
         y = (a + now * v) / (b + now)
         den = (ek + P[11] * b).clamp_min_(tiny)
-        torch.div(ek * v + P[11] * a, den, out=N[s0 + 2])
-        torch.add(K, torch.log(den), out=N[s0 + 4])
-        x = _lif_step(x, _mm(r * y, P[9], cast), S[s0 + 5], N[s0 + 5], tau, v_th, spiking, counts, collect)
+        slot_v: List[torch.Tensor] = []
+        x = _lif_step(x, _mm(r * y, P[9], cast), S[s0 + 5], tau, v_th, spiking, counts, collect, slot_v)
         # ---- ChannelMix
         z2 = torch.layer_norm(x, [C], P[2], P[3], eps)
         m2 = (z2 * P[12] + S[s0 + 1] * P[13]).unbind(0)
-        N[s0 + 1].copy_(z2)
-        kk = torch.square(torch.relu(_mm(m2[0], P[14], cast)))
-        out = torch.sigmoid(_mm(m2[1], P[15], cast)) * _mm(kk, P[16], cast)
-        x = _lif_step(x, out, S[s0 + 6], N[s0 + 6], tau, v_th, spiking, counts, collect)
-    logits = _mm(torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps), head, cast)
-    return logits, new, counts
+        kk = torch.relu(_mm(m2[0], P[14], cast))
+        out = torch.sigmoid(_mm(m2[1], P[15], cast)) * _mm(kk * kk, P[16], cast)
+        x = _lif_step(x, out, S[s0 + 6], tau, v_th, spiking, counts, collect, slot_v)
+        slots += [z, z2, (ek * v + P[11] * a) / den, ones, K + torch.log(den), slot_v[0], slot_v[1]]
+    torch.stack(slots, out=new.view(n_layer * 7, B, C))
+    xo = torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps)
+    if cast:
+        logits.copy_(torch.mm(xo.to(head.dtype), head))
+    else:
+        torch.mm(xo, head, out=logits)
+    return counts
 
 
 _scripted = None
@@ -181,6 +186,16 @@ class RecurrentDecoder:
             layer[_MU_FFN] = torch.cat([f.time_mix_k, f.time_mix_r]).detach()  # (2, 1, C)
             layer[_OMU_FFN] = torch.cat([1 - f.time_mix_k, 1 - f.time_mix_r]).detach()
             layer[_FK], layer[_FR], layer[_FV] = mat(f.key), mat(f.receptance), mat(f.value)
+            # The small per-channel tensors of a layer packed into one buffer (locality: the weight
+            # streaming of every matmul evicts them from the caches), exact copies.
+            small = [i for i in range(_PER_LAYER) if i not in (_WK, _WV, _WR, _WO, _FK, _FR, _FV)]
+            if all(layer[i].dtype == layer[small[0]].dtype for i in small):
+                flat = torch.cat([layer[i].reshape(-1) for i in small])
+                off = 0
+                for i in small:
+                    n = layer[i].numel()
+                    layer[i] = flat[off:off + n].view(layer[i].shape)
+                    off += n
             params += layer
         self.params = params
         self.emb = m.emb.weight.detach()
@@ -189,9 +204,17 @@ class RecurrentDecoder:
         self.head = mat(m.head)
         self.v_th = torch.tensor(cfg.v_threshold, dtype=self.emb.dtype, device=self.emb.device)
         self.cast = wd is not None and wd != self.emb.dtype
+        self.tau = torch.tensor(float(cfg.tau), dtype=self.emb.dtype, device=self.emb.device)
+        self._ones_cache = None
         self.tiny = torch.finfo(self.emb.dtype).tiny
         self._impl = _compiled_step() if self.script else _step_impl
         self._key = _param_key(m)
+
+    def _ones(self, state):
+        o = self._ones_cache
+        if o is None or o.shape != state.shape[2:] or o.dtype != state.dtype or o.device != state.device:
+            o = self._ones_cache = torch.ones(state.shape[2:], dtype=state.dtype, device=state.device)
+        return o
 
     def refresh(self):
         """Rebuild the cached tensors if any parameter of the model changed since the last build."""
@@ -209,10 +232,15 @@ class RecurrentDecoder:
         self.refresh()
         cfg = self.model.config
         tokens = tokens.reshape(-1)
-        logits, new, counts = self._impl(
-            tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params, self.ln_out[0], self.ln_out[1],
-            self.head, cfg.n_layer, cfg.layer_norm_eps, float(cfg.tau), self.v_th, self.tiny,
-            bool(cfg.binary_embedding), bool(cfg.spiking), self.cast, bool(self.collect_spikes))
+        new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+        logits = torch.empty(tokens.shape[0], self.head.shape[1], dtype=self.emb.dtype, device=self.emb.device)
+        # Inference mode skips the autograd dispatch of every op (~10% of the per-token Python-free
+        # overhead); the outputs are allocated outside it, so the caller gets ordinary tensors.
+        with torch.inference_mode():
+            counts = self._impl(
+                tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params, self.ln_out[0], self.ln_out[1],
+                self.head, cfg.n_layer, cfg.layer_norm_eps, self.tau, self.v_th, self._ones(state), self.tiny,
+                bool(cfg.binary_embedding), bool(cfg.spiking), self.cast, bool(self.collect_spikes), logits, new)
         if self.collect_spikes and cfg.spiking:
             c = torch.stack(counts).view(-1, 2).to("cpu", torch.float64)
             self.spike_counts = c if self.spike_counts is None else self.spike_counts + c
