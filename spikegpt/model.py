@@ -231,7 +231,7 @@ class SpikeGPT(nn.Module):
         precision weights, or while spikes are being recorded (``LIF.record``) it falls back to
         ``forward`` on one token."""
         if (self.training or self.head.weight.dtype not in (torch.float32, torch.float64)
-                or any(getattr(b.lif1, "record", None) or getattr(b.lif2, "record", None) for b in self.blocks)):
+                or any(b.lif1.record or b.lif2.record for b in self.blocks)):
             logits, state = self(tokens.view(-1, 1), state=state, return_state=True)
             return logits[:, 0], state
         from .recurrent import decoder_for
