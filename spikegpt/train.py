@@ -401,6 +401,19 @@ def _run(args, rank, world, device) -> dict:
         }, checkpoint_path(out_dir, step))
         prune_checkpoints(out_dir, train_cfg.keep_checkpoints)
 
+    def accumulate_gradients(step) -> float:
+        """Forward and backward over the step's micro-batches; returns the summed loss."""
+        loss_sum = 0.0
+        for micro in range(train_cfg.grad_accum):
+            x, y = sample_batch(train_tokens, train_cfg.batch_size, model_cfg.ctx_len, seed=train_cfg.seed,
+                                step=step, micro_step=rank * train_cfg.grad_accum + micro)
+            sync = world == 1 or micro == train_cfg.grad_accum - 1
+            with (contextlib.nullcontext() if sync else forward.no_sync()), autocast():
+                _, loss = forward(x.to(device), y.to(device))
+            (loss / train_cfg.grad_accum).backward()
+            loss_sum += loss.item()
+        return loss_sum
+
     stop_signal = []
     previous_handlers = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
                          for s in (signal.SIGINT, signal.SIGTERM)}
@@ -419,15 +432,10 @@ def _run(args, rank, world, device) -> dict:
             lr = learning_rate(step, train_cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(train_cfg.grad_accum):
-                x, y = sample_batch(train_tokens, train_cfg.batch_size, model_cfg.ctx_len, seed=train_cfg.seed,
-                                    step=step, micro_step=rank * train_cfg.grad_accum + micro)
-                sync = world == 1 or micro == train_cfg.grad_accum - 1
-                with (contextlib.nullcontext() if sync else forward.no_sync()), autocast():
-                    _, loss = forward(x.to(device), y.to(device))
-                (loss / train_cfg.grad_accum).backward()
-                loss_sum += loss.item()
+            # Firing rates of the training batches are recorded on the steps that are logged.
+            log_now = (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.max_iters
+            with record_spikes(model) if log_now else contextlib.nullcontext():
+                loss_sum = accumulate_gradients(step)
             loss_value = all_reduce_sum([loss_sum], world, device)[0] / (train_cfg.grad_accum * world)
             if not math.isfinite(loss_value):
                 good = latest_checkpoint(out_dir)
@@ -448,7 +456,8 @@ def _run(args, rank, world, device) -> dict:
                 record = {"step": step, "loss": loss_value, "bits_per_token": loss_value / math.log(2),
                           "bits_per_byte": loss_value / math.log(2) / bytes_per_token, "lr": lr,
                           "grad_norm": grad_norm, "tokens_seen": tokens_seen,
-                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
+                          "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                          **firing_rates(model, "train_rate/")}
                 window_start, window_tokens = now, 0
                 log(record)
                 bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{record['bits_per_byte']:.3f}",

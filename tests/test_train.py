@@ -66,6 +66,11 @@ def test_training_decreases_loss(byte_data, tmp_path):
     result = run_train(small_args(byte_data, tmp_path / "run", "--max-iters", "60"))
     losses = step_losses(tmp_path / "run")
     assert losses[60] < losses[1] - 1.0, (losses[1], losses[60])
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_log, final = records[-2], records[-1]
+    for record, prefix in ((train_log, "train_rate/"), (final, "rate/")):  # firing rates are logged
+        assert {f"{prefix}att.1", f"{prefix}ffn.0", f"{prefix}emb", f"{prefix}all"} <= record.keys()
+        assert 0.0 <= record[f"{prefix}all"] <= 1.0 and 0.3 < record[f"{prefix}emb"] < 0.7
     assert result["final_loss"] < 4.0
     assert result["final_bits_per_byte"] == pytest.approx(result["final_bits_per_token"])
     model = spikegpt.load(tmp_path / "run")
