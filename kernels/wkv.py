@@ -51,6 +51,38 @@ def _block_c(C: int) -> int:
 
 
 @triton.jit
+def _load_step(k_ptr, v_ptr, base, t, T, C, cm, BLOCK_C: tl.constexpr):
+    """Mask, offset and fp32 ``k_t, v_t`` of time step ``t`` for a block of channels."""
+    m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
+    off = base + t.to(tl.int64) * C
+    kk = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
+    vv = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+    return m, off, kk, vv
+
+
+@triton.jit
+def _wkv_output(a, bb, e, u, kk, vv):
+    """``y_t`` from the state before step t (DESIGN §1); also returns ``e^{u+k_t-mx}``, the
+    denominator mantissa and the exponent ``mx`` that the backward pass needs."""
+    ww = u + kk
+    mx = tl.maximum(e, ww)
+    e1 = tl.exp(e - mx)
+    e2 = tl.exp(ww - mx)
+    dm = e1 * bb + e2
+    return (e1 * a + e2 * vv) / dm, e2, dm, mx
+
+
+@triton.jit
+def _wkv_advance(a, bb, e, w, kk, vv, m):
+    """The state after step t from the state before it (where ``m``; unchanged elsewhere)."""
+    ww = w + e
+    mx = tl.maximum(ww, kk)
+    e1 = tl.exp(ww - mx)
+    e2 = tl.exp(kk - mx)
+    return tl.where(m, e1 * a + e2 * vv, a), tl.where(m, e1 * bb + e2, bb), tl.where(m, mx, e)
+
+
+@triton.jit
 def _wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, p0_ptr, q0_ptr, o0_ptr,
                     y_ptr, pT_ptr, qT_ptr, oT_ptr, ck_ptr,
                     T, C, NCH,
@@ -73,24 +105,10 @@ def _wkv_fwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, p0_ptr, q0_ptr, o0_ptr,
         tl.store(ck_ptr + ck_plane + cb, bb, mask=cm)
         tl.store(ck_ptr + 2 * ck_plane + cb, e, mask=cm)
         for j in tl.static_range(CH):
-            t = t0 + j
-            m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
-            off = base + t.to(tl.int64) * C
-            kk = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
-            ww = u + kk
-            mx = tl.maximum(e, ww)
-            e1 = tl.exp(e - mx)
-            e2 = tl.exp(ww - mx)
-            y = (e1 * a + e2 * vv) / (e1 * bb + e2)
+            m, off, kk, vv = _load_step(k_ptr, v_ptr, base, t0 + j, T, C, cm, BLOCK_C)
+            y, _, _, _ = _wkv_output(a, bb, e, u, kk, vv)
             tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=m)
-            ww = w + e
-            mx = tl.maximum(ww, kk)
-            e1 = tl.exp(ww - mx)
-            e2 = tl.exp(kk - mx)
-            a = tl.where(m, e1 * a + e2 * vv, a)
-            bb = tl.where(m, e1 * bb + e2, bb)
-            e = tl.where(m, mx, e)
+            a, bb, e = _wkv_advance(a, bb, e, w, kk, vv, m)
     # Normalised final state (as the reference): p = num/den, q = 1, o = log(den).
     bs = tl.where(cm, bb, 1.0)
     tl.store(pT_ptr + sb, a / bs, mask=cm)
@@ -141,37 +159,18 @@ def _wkv_bwd_kernel(w_ptr, u_ptr, k_ptr, v_ptr, gy_ptr, ck_ptr,
             SB = tl.where(sel, bb[None, :], SB)
             SE = tl.where(sel, e[None, :], SE)
             if j < CH - 1:
-                t = t0 + j
-                m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
-                off = base + t.to(tl.int64) * C
-                kk = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
-                vv = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
-                ww = w + e
-                mx = tl.maximum(ww, kk)
-                e1 = tl.exp(ww - mx)
-                e2 = tl.exp(kk - mx)
-                a = tl.where(m, e1 * a + e2 * vv, a)
-                bb = tl.where(m, e1 * bb + e2, bb)
-                e = tl.where(m, mx, e)
+                m, off, kk, vv = _load_step(k_ptr, v_ptr, base, t0 + j, T, C, cm, BLOCK_C)
+                a, bb, e = _wkv_advance(a, bb, e, w, kk, vv, m)
         # Reverse sweep through the chunk.
         for jr in tl.static_range(CH):
             j = CH - 1 - jr
-            t = t0 + j
-            m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
             sel = rows == j
             a = tl.sum(tl.where(sel, SA, 0.0), axis=0)
             bb = tl.sum(tl.where(sel, SB, 0.0), axis=0)
             e = tl.sum(tl.where(sel, SE, 0.0), axis=0)
-            off = base + t.to(tl.int64) * C
-            kk = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
-            vv = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+            m, off, kk, vv = _load_step(k_ptr, v_ptr, base, t0 + j, T, C, cm, BLOCK_C)
             gyv = tl.load(gy_ptr + off, mask=m, other=0.0).to(tl.float32)
-            ww = u + kk
-            mx = tl.maximum(e, ww)
-            e1 = tl.exp(e - mx)
-            e2 = tl.exp(ww - mx)
-            dm = e1 * bb + e2
-            y = (e1 * a + e2 * vv) / dm
+            y, e2, dm, mx = _wkv_output(a, bb, e, u, kk, vv)
             gm = gyv / dm  # g_t = gm * e^{-mx}
             cur = gm * e2  # g_t e^{u + k_t}
             ef = tl.exp(kk + le)  # e^{k_t} * (lambda's scale)
