@@ -30,6 +30,15 @@ HALF_PI = math.pi / 2
 
 
 @triton.jit
+def _lif_charge(x_ptr, v, base, t, T, C, cm, tau, BLOCK_C: tl.constexpr):
+    """Mask and offset of step ``t``, and the charged membrane ``h_t = v + (x_t - v) / tau``."""
+    m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
+    off = base + t.to(tl.int64) * C
+    x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
+    return m, off, v + (x - v) / tau
+
+
+@triton.jit
 def _lif_fwd_kernel(x_ptr, v0_ptr, s_ptr, vl_ptr, ck_ptr, T, C, NCH, tau, v_th,
                     CH: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
@@ -42,11 +51,7 @@ def _lif_fwd_kernel(x_ptr, v0_ptr, s_ptr, vl_ptr, ck_ptr, T, C, NCH, tau, v_th,
         t0 = ci * CH
         tl.store(ck_ptr + (b * NCH + ci) * C + cs, v, mask=cm)
         for j in tl.static_range(CH):
-            t = t0 + j
-            m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
-            off = base + t.to(tl.int64) * C
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-            h = v + (x - v) / tau
+            m, off, h = _lif_charge(x_ptr, v, base, t0 + j, T, C, cm, tau, BLOCK_C)
             fire = h >= v_th
             tl.store(s_ptr + off, tl.where(fire, 1.0, 0.0).to(s_ptr.dtype.element_ty), mask=m)
             v = tl.where(m, tl.where(fire, 0.0, h), v)
@@ -70,11 +75,7 @@ def _lif_bwd_kernel(x_ptr, ck_ptr, gs_ptr, gvl_ptr, gx_ptr, gv0_ptr, T, C, NCH, 
         v = tl.load(ck_ptr + (b * NCH + cidx) * C + cs, mask=cm, other=0.0)
         H = tl.zeros([CH, BLOCK_C], tl.float32)
         for j in tl.static_range(CH):
-            t = t0 + j
-            m = cm & ((tl.zeros([BLOCK_C], tl.int32) + t) < T)
-            off = base + t.to(tl.int64) * C
-            x = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32)
-            h = v + (x - v) / tau
+            _, _, h = _lif_charge(x_ptr, v, base, t0 + j, T, C, cm, tau, BLOCK_C)
             H = tl.where(rows == j, h[None, :], H)
             v = tl.where(h >= v_th, 0.0, h)
         for jr in tl.static_range(CH):

@@ -15,7 +15,6 @@ save leaves the previous checkpoints intact and never a half-written ``ckpt-*.pt
 """
 from __future__ import annotations
 
-import os
 import platform
 import re
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .data import atomic_write
 from .model import SpikeGPT
 
 FORMAT = "spikegpt-checkpoint"
@@ -58,27 +58,8 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    """``torch.save`` to ``path`` atomically (:func:`spikegpt.data.atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def prune_checkpoints(out_dir, keep: int) -> None:
