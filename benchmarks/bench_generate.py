@@ -1,10 +1,18 @@
 """Recurrent generation speed (issue 4): tokens/s of ``step`` at batch 1 and 16, prompt prefill.
 
 For each config (random weights): tokens/s of the recurrent step at each batch size, in fp32 and with
-bf16 weights; a bare matrix-vector pass over the same weight matrices (the memory-bound reference:
-every weight is streamed once per token) and the ratio bare/step; the prefill of a long prompt via the
-parallel path vs. feeding it token by token; and a profile of the fp32 batch-1 step (where the time
-goes).  Results go to ``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``.
+bf16 weights, timed interleaved with three passes over the same weight matrices that do nothing else:
+
+* ``bare``: one ``torch.mm`` per matrix, the issue's bound (ATen runs a matrix-vector product on one
+  core, so this is one core's matrix-vector speed, not the memory's);
+* ``decoder matvec``: the step's own matrix products (split over the cores where that is bitwise
+  exact, see ``RecurrentDecoder._mats_for``), so ``decoder_matvec_over_step`` is the share of the step
+  spent in matrix products, and the rest is per-token overhead;
+* ``read``: ``torch.sum`` of every matrix, the rate at which this machine can stream the weights.
+
+Also the prefill of a long prompt via the parallel path vs. feeding it token by token, and a profile of
+the fp32 batch-1 step (where the time goes).  Results go to
+``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``.
 
     python benchmarks/bench_generate.py                       # 45m and 216m, batch 1 and 16
     python benchmarks/bench_generate.py --threads 1           # on a busy machine (see below)
@@ -26,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import header, write_result  # noqa: E402
 from spikegpt import ModelConfig, SpikeGPT  # noqa: E402
 from spikegpt.config import preset  # noqa: E402
-from spikegpt.recurrent import RecurrentDecoder  # noqa: E402
+from spikegpt.recurrent import RecurrentDecoder, _mm  # noqa: E402
 
 SMOKE = {"smoke": dict(n_layer=2, n_embd=64, vocab_size=256)}
 
@@ -59,8 +67,28 @@ def bare_pass(mats, batch, dtype, device):
     return run
 
 
-def interleaved(fn_a, fn_b, device, iters):
-    """Best-of-``iters`` seconds per call of two functions timed alternately, so that both see the
+def decoder_matvec_pass(decoder, batch, device):
+    """The matrix products of one ``decoder`` step at ``batch``, with nothing in between."""
+    mats = decoder._mats_for(batch)
+    xs = {m[0].shape[-2]: torch.randn(batch, m[0].shape[-2], device=device) for m in mats}
+
+    def run():
+        with torch.inference_mode():
+            for m in mats:
+                _mm(xs[m[0].shape[-2]], m, decoder.cast)
+    return run
+
+
+def read_pass(mats):
+    """Read every weight once (``torch.sum`` streams at the memory's rate, on all threads)."""
+    def run():
+        for w in mats:
+            w.sum()
+    return run
+
+
+def interleaved(fns, device, iters):
+    """Best-of-``iters`` seconds per call of each function, timed alternately so that all see the
     same machine load (on a shared machine the minimum is the least disturbed run)."""
     def once(fn):
         if device.type == "cuda":
@@ -72,12 +100,13 @@ def interleaved(fn_a, fn_b, device, iters):
         return time.perf_counter() - t0
 
     for _ in range(2):
-        fn_a(), fn_b()
-    a, b = [], []
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
     for _ in range(iters):
-        a.append(once(fn_a))
-        b.append(once(fn_b))
-    return min(a), min(b)
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], once(fn))
+    return best
 
 
 def profile_step(decoder, state, tokens, steps=5):
@@ -113,8 +142,11 @@ def main(argv=None):
     device = torch.device(args.device)
     result = header(device) | {"benchmark": "bench_generate", "smoke": args.smoke, "runs": [], "prefill": []}
     lines = [f"# bench_generate — {result['device']} — {result['date']} — {result['commit']}", "",
-             "| config | weights | batch | step ms | tokens/s | bare matvec ms | bare/step | GB/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Times per step in ms; `x/step` is that pass's time over the step's (1.0: the step costs "
+             "no more than the pass alone); GB/s is weight bytes over step time.", "",
+             "| config | weights | batch | step | tokens/s | bare mm | bare/step | decoder matvec | "
+             "matvec/step | read | read/step | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     weight_modes = [None] + ([] if args.no_bf16 else [torch.bfloat16])
     for name in args.configs.split(","):
         model = build(name, device)
@@ -127,18 +159,25 @@ def main(argv=None):
                 for batch in [int(b) for b in args.batches.split(",")]:
                     state = model.initial_state(batch)
                     tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-                    t_step, t_bare = interleaved(lambda: decoder.step(tokens, state),
-                                                 bare_pass(mats, batch, dtype, device), device, args.steps)
+                    decoder.step(tokens, state)  # settles which products are split at this batch size
+                    t_step, t_bare, t_mv, t_read = interleaved(
+                        [lambda: decoder.step(tokens, state), bare_pass(mats, batch, dtype, device),
+                         decoder_matvec_pass(decoder, batch, device), read_pass(mats)], device, args.steps)
                     run = {"config": name, "weights": "bf16" if wd else "fp32", "batch": batch,
                            "step_ms": t_step * 1e3, "tokens_per_s": batch / t_step,
                            "bare_matvec_ms": t_bare * 1e3, "bare_over_step": t_bare / t_step,
-                           "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9}
+                           "decoder_matvec_ms": t_mv * 1e3, "decoder_matvec_over_step": t_mv / t_step,
+                           "read_ms": t_read * 1e3, "read_over_step": t_read / t_step,
+                           "split_products": sum(len(m) > 1 for m in decoder._mats_for(batch)),
+                           "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9}
                     if wd is None and batch == 1:
                         run["profile"] = profile_step(decoder, state, tokens)
                     result["runs"].append(run)
                     lines.append(f"| {name} | {run['weights']} | {batch} | {run['step_ms']:.2f} | "
                                  f"{run['tokens_per_s']:.1f} | {run['bare_matvec_ms']:.2f} | "
-                                 f"{run['bare_over_step']:.2f} | {run['step_GBps']:.1f} |")
+                                 f"{run['bare_over_step']:.2f} | {run['decoder_matvec_ms']:.2f} | "
+                                 f"{run['decoder_matvec_over_step']:.2f} | {run['read_ms']:.2f} | "
+                                 f"{run['read_over_step']:.2f} | {run['step_GBps']:.1f} |")
                     print(lines[-1], flush=True)
             if name in args.prefill_configs.split(","):
                 T = args.prefill_len
@@ -157,6 +196,14 @@ def main(argv=None):
                 print(f"prefill {name} {T} tokens: parallel {t_par:.2f} s, token by token {t_seq:.2f} s "
                       f"({pre['speedup']:.1f}x)", flush=True)
         del model
+    scaling = {}
+    for run in result["runs"]:
+        scaling.setdefault((run["config"], run["weights"]), {})[run["batch"]] = run["tokens_per_s"]
+    result["batch_scaling"] = [{"config": c, "weights": w, "batch": b, "over_batch_1": tps / by[1]}
+                               for (c, w), by in scaling.items() if 1 in by for b, tps in by.items() if b != 1]
+    if result["batch_scaling"]:
+        lines += ["", "Tokens/s over batch 1's: " + ", ".join(
+            f"{r['config']} {r['weights']} batch {r['batch']} {r['over_batch_1']:.2f}x" for r in result["batch_scaling"])]
     lines += ["", "| config | prompt tokens | parallel s | token-by-token s | speedup |", "|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['prompt_tokens']} | {r['parallel_s']:.2f} | {r['token_by_token_s']:.2f} | "
               f"{r['speedup']:.1f}x |" for r in result["prefill"]]

@@ -14,6 +14,11 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
 * LIF runs as one step of ``ops.lif_torch``: ``h = v + (x - v) / tau`` (one ``addcdiv``, which rounds
   the same: its kernel is ``v + 1 * d / tau``, and a division feeding the add cannot be FMA-contracted),
   ``s = h >= v_th``, ``v = h (1 - s)``;
+* on a CPU with several threads, each matrix-vector product is split by output columns into one block
+  per thread and run as one batched product (``bmm``), which ATen spreads over the cores, where a
+  plain ``mm`` of one row runs on one core and streams weights at a fraction of the memory's rate;
+  a split is used only where it gives bitwise the same product (checked on this machine, per shape
+  and batch size: ``RecurrentDecoder._mats_for``);
 * the new state is assembled by one ``stack`` at the end; the ops run under ``torch.inference_mode``
   (no autograd dispatch), writing the caller-visible outputs into ordinary tensors; the small
   per-layer tensors are packed into one buffer per layer (they are re-fetched from memory after every
@@ -47,16 +52,35 @@ def _param_key(model):
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
 
 
-# Per-layer entries of the flat parameter list handed to the step function.
-_LN1W, _LN1B, _LN2W, _LN2B, _MU_ATT, _OMU_ATT, _WK, _WV, _WR, _WO, _EU, _EW, _MU_FFN, _OMU_FFN, \
-    _FK, _FR, _FV = range(17)
-_PER_LAYER = 17
+# Per-layer entries of the flat list of small tensors handed to the step function (_step_impl reads
+# them by number); the weight matrices go in a second list, 7 per layer in the order the step
+# multiplies by them (key, value, receptance, output, ffn key, ffn receptance, ffn value), head last.
+_LN1W, _LN1B, _LN2W, _LN2B, _MU_ATT, _OMU_ATT, _EU, _EW, _MU_FFN, _OMU_FFN = range(10)
+_SMALL = 10
+# Batches up to this size split their matrix products over the cores (RecurrentDecoder._split); on
+# a 2-core machine the split is faster at every batch size measured (1 to 64).
+_SPLIT_MAX_BATCH = 64
 
 
-def _mm(x, w, cast: bool):
-    if cast:
-        return torch.mm(x.to(w.dtype), w).to(x.dtype)
-    return torch.mm(x, w)
+def _mm(x, m: List[torch.Tensor], cast: bool):
+    """``x @ w`` for ``m = [w]``, or for ``w`` split by columns (see ``RecurrentDecoder._split``) into
+    ``m = [blocks, rest]``: ``blocks`` (P, in, n) multiplied as one batched product, which ATen
+    spreads over the cores (a single matrix-vector product runs on one core), then ``rest`` (in, r)."""
+    if len(m) == 1:
+        if cast:
+            return torch.mm(x.to(m[0].dtype), m[0]).to(x.dtype)
+        return torch.mm(x, m[0])
+    blocks, rest = m[0], m[1]
+    B = x.shape[0]
+    y = torch.bmm(x.expand(blocks.shape[0], B, x.shape[1]), blocks).transpose(0, 1).reshape(B, -1)
+    if rest.shape[1] > 0:
+        y = torch.cat([y, torch.mm(x, rest)], 1)
+    return y
+
+
+def _shape_key(w):
+    """What a BLAS kernel choice can depend on: shape, strides, dtype, alignment."""
+    return tuple(w.shape), w.stride(), w.dtype, w.data_ptr() % 64
 
 
 def _lif_step(x, inp, v, tau, v_th, spiking: bool, counts: List[torch.Tensor], collect: bool,
@@ -73,9 +97,9 @@ def _lif_step(x, inp, v, tau, v_th, spiking: bool, counts: List[torch.Tensor], c
     return x + fired
 
 
-def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_out_w, ln_out_b, head,
-               n_layer: int, eps: float, tau, v_th, ones, tiny: float, binary: bool, spiking: bool,
-               cast: bool, collect: bool, logits, new) -> List[torch.Tensor]:
+def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats: List[List[torch.Tensor]],
+               ln_out_w, ln_out_b, n_layer: int, eps: float, tau, v_th, ones, tiny: float, binary: bool,
+               spiking: bool, cast: bool, collect: bool, logits, new) -> List[torch.Tensor]:
     C = emb.shape[1]
     x = torch.embedding(emb, tokens)
     if binary:
@@ -86,14 +110,15 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_ou
     slots: List[torch.Tensor] = []
     counts: List[torch.Tensor] = []
     for l in range(n_layer):
-        P = params[l * 17:(l + 1) * 17]
+        P = params[l * 10:(l + 1) * 10]
+        W = mats[l * 7:(l + 1) * 7]
         s0 = l * 7
         # ---- TimeMix: token shift mixes (z mu + z_prev (1 - mu), as the parallel path), k, v, r
         z = torch.layer_norm(x, [C], P[0], P[1], eps)
         m = (z * P[4] + S[s0] * P[5]).unbind(0)
-        k = _mm(m[0], P[6], cast)
-        v = _mm(m[1], P[7], cast)
-        r = torch.sigmoid(_mm(m[2], P[8], cast))
+        k = _mm(m[0], W[0], cast)
+        v = _mm(m[1], W[1], cast)
+        r = torch.sigmoid(_mm(m[2], W[2], cast))
         # WKV, one token: ops.wkv_torch's chunk arithmetic for a chunk of length 1.
         o = S[s0 + 4]
         K = torch.maximum(k, o)
@@ -101,24 +126,21 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], ln_ou
         es = torch.exp(o - K)
         a = S[s0 + 2] * es
         b = S[s0 + 3] * es
-        now = P[10] * ek
+        now = P[6] * ek
         y = (a + now * v) / (b + now)
-        den = (ek + P[11] * b).clamp_min_(tiny)
+        den = (ek + P[7] * b).clamp_min_(tiny)
         slot_v: List[torch.Tensor] = []
-        x = _lif_step(x, _mm(r * y, P[9], cast), S[s0 + 5], tau, v_th, spiking, counts, collect, slot_v)
+        x = _lif_step(x, _mm(r * y, W[3], cast), S[s0 + 5], tau, v_th, spiking, counts, collect, slot_v)
         # ---- ChannelMix
         z2 = torch.layer_norm(x, [C], P[2], P[3], eps)
-        m2 = (z2 * P[12] + S[s0 + 1] * P[13]).unbind(0)
-        kk = torch.relu(_mm(m2[0], P[14], cast))
-        out = torch.sigmoid(_mm(m2[1], P[15], cast)) * _mm(kk * kk, P[16], cast)
+        m2 = (z2 * P[8] + S[s0 + 1] * P[9]).unbind(0)
+        kk = torch.relu(_mm(m2[0], W[4], cast))
+        out = torch.sigmoid(_mm(m2[1], W[5], cast)) * _mm(kk * kk, W[6], cast)
         x = _lif_step(x, out, S[s0 + 6], tau, v_th, spiking, counts, collect, slot_v)
-        slots += [z, z2, (ek * v + P[11] * a) / den, ones, K + torch.log(den), slot_v[0], slot_v[1]]
+        slots += [z, z2, (ek * v + P[7] * a) / den, ones, K + torch.log(den), slot_v[0], slot_v[1]]
     torch.stack(slots, out=new.view(n_layer * 7, B, C))
     xo = torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps)
-    if cast:
-        logits.copy_(torch.mm(xo.to(head.dtype), head))
-    else:
-        torch.mm(xo, head, out=logits)
+    logits.copy_(_mm(xo, mats[n_layer * 7], cast))
     return counts
 
 
@@ -144,14 +166,17 @@ class RecurrentDecoder:
     ``step(tokens, state) -> (logits (B, V), new_state)``; ``state`` is left untouched.
     ``weight_dtype``: None (the model's own weights, exact) or ``torch.bfloat16`` (opt-in speed mode).
     ``script``: run the step under TorchScript (default; falls back to eager if unavailable).
+    ``split``: on a CPU, spread each matrix product over the threads where that is bitwise exact
+    (default; see the module docstring).
     Set ``collect_spikes = True`` to accumulate per-layer spike counts in ``spike_counts``
     ((n_layer, 2) for the att / ffn LIFs) over ``spike_steps`` token steps.
     """
 
-    def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True):
+    def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True, split: bool = True):
         self.model = model
         self.weight_dtype = weight_dtype
         self.script = script
+        self.split = split
         self._key = None
         self.collect_spikes = False
         self.spike_counts = None
@@ -167,7 +192,7 @@ class RecurrentDecoder:
             w = lin.weight.detach()
             return (w if wd is None or w.dtype == wd else w.to(wd)).t()
 
-        params = []
+        params, mats = [], []
         for block in m.blocks:
             a, f = block.att, block.ffn
             w = -torch.exp(a.time_decay.detach())
@@ -175,40 +200,79 @@ class RecurrentDecoder:
             w, u = w.to(compute), a.time_first.detach().to(compute)
             # e^w exactly as wkv_torch's state decay for a one-token chunk: exp(arange(2) * w)[1].
             ew = torch.exp(torch.arange(2, dtype=compute, device=w.device) * w[:, None])[:, 1].contiguous()
-            layer = [None] * _PER_LAYER
+            layer = [None] * _SMALL
             layer[_LN1W], layer[_LN1B] = block.ln1.weight.detach(), block.ln1.bias.detach()
             layer[_LN2W], layer[_LN2B] = block.ln2.weight.detach(), block.ln2.bias.detach()
             layer[_MU_ATT] = torch.cat([a.time_mix_k, a.time_mix_v, a.time_mix_r]).detach()  # (3, 1, C)
             layer[_OMU_ATT] = torch.cat([1 - a.time_mix_k, 1 - a.time_mix_v, 1 - a.time_mix_r]).detach()
-            layer[_WK], layer[_WV], layer[_WR], layer[_WO] = (mat(a.key), mat(a.value), mat(a.receptance),
-                                                              mat(a.output))
             layer[_EU], layer[_EW] = torch.exp(u), ew
             layer[_MU_FFN] = torch.cat([f.time_mix_k, f.time_mix_r]).detach()  # (2, 1, C)
             layer[_OMU_FFN] = torch.cat([1 - f.time_mix_k, 1 - f.time_mix_r]).detach()
-            layer[_FK], layer[_FR], layer[_FV] = mat(f.key), mat(f.receptance), mat(f.value)
             # The small per-channel tensors of a layer packed into one buffer (locality: the weight
             # streaming of every matmul evicts them from the caches), exact copies.
-            small = [i for i in range(_PER_LAYER) if i not in (_WK, _WV, _WR, _WO, _FK, _FR, _FV)]
-            if all(layer[i].dtype == layer[small[0]].dtype for i in small):
-                flat = torch.cat([layer[i].reshape(-1) for i in small])
-                off = 0
-                for i in small:
-                    n = layer[i].numel()
-                    layer[i] = flat[off:off + n].view(layer[i].shape)
-                    off += n
+            if all(t.dtype == layer[0].dtype for t in layer):
+                flat = torch.cat([t.reshape(-1) for t in layer])
+                sizes = [t.numel() for t in layer]
+                layer = [piece.view(t.shape) for piece, t in zip(flat.split(sizes), layer)]
             params += layer
+            mats += [mat(a.key), mat(a.value), mat(a.receptance), mat(a.output), mat(f.key), mat(f.receptance),
+                     mat(f.value)]
+        mats.append(mat(m.head))
         self.params = params
         self.emb = m.emb.weight.detach()
         self.ln0 = (m.blocks[0].ln0.weight.detach(), m.blocks[0].ln0.bias.detach())
         self.ln_out = (m.ln_out.weight.detach(), m.ln_out.bias.detach())
-        self.head = mat(m.head)
         self.v_th = torch.tensor(cfg.v_threshold, dtype=self.emb.dtype, device=self.emb.device)
         self.cast = wd is not None and wd != self.emb.dtype
         self.tau = torch.tensor(float(cfg.tau), dtype=self.emb.dtype, device=self.emb.device)
         self._ones_cache = None
         self.tiny = torch.finfo(self.emb.dtype).tiny
         self._impl = _compiled_step() if self.script else _step_impl
+        self.mats = [[w] for w in mats]
+        self.split_mats = self._split(mats)
+        self.vocab_size = mats[-1].shape[1]
         self._key = _param_key(m)
+
+    def _split(self, mats):
+        """Every (in, N) matrix as ``[blocks, rest]`` for ``_mm`` (``None`` where it cannot be split).
+
+        ATen runs a matrix-vector product on a single core, which cannot stream weights as fast as
+        the memory allows; the P blocks of a batched product run on P cores.  Blocks are multiples of
+        16 columns, so each starts as aligned as the matrix."""
+        self._threads = torch.get_num_threads()
+        self._exact = {}
+        if not self.split or self.emb.device.type != "cpu" or self.cast or self._threads < 2:
+            return None
+        split = []
+        for w in mats:
+            K, N = w.shape
+            P = min(self._threads, N // 16)
+            n = N // P // 16 * 16 if P >= 2 and w.t().is_contiguous() else 0
+            split.append([w[:, :P * n].t().reshape(P, n, K).transpose(1, 2), w[:, P * n:]] if n else None)
+        return split
+
+    def _mats_for(self, batch):
+        """The matrices a step of ``batch`` sequences multiplies by: split where that is exact.
+
+        Each output column is the same dot product either way, but BLAS libraries pick kernels by
+        shape (the few leftover columns of a 50277-row head take another kernel at batch 4 than inside
+        the whole product, for instance), so a split is used only where it reproduces the whole
+        product bitwise on this machine, checked once per matrix shape (and alignment) and batch size
+        (kernels do not branch on values: one random draw decides)."""
+        if self.split_mats is None or batch > _SPLIT_MAX_BATCH:
+            return self.mats
+        if batch not in self._exact:
+            gen = torch.Generator().manual_seed(batch)
+            verdict = {}
+            for (w,), parts in zip(self.mats, self.split_mats):
+                key = _shape_key(w)
+                if parts is not None and key not in verdict:
+                    x = torch.randn(batch, w.shape[0], generator=gen, dtype=torch.float32).to(w.dtype)
+                    with torch.inference_mode():
+                        verdict[key] = torch.equal(torch.mm(x, w), _mm(x, parts, False))
+            self._exact[batch] = [parts if parts is not None and verdict[_shape_key(w)] else [w]
+                                  for (w,), parts in zip(self.mats, self.split_mats)]
+        return self._exact[batch]
 
     def _ones(self, state):
         o = self._ones_cache
@@ -217,8 +281,9 @@ class RecurrentDecoder:
         return o
 
     def refresh(self):
-        """Rebuild the cached tensors if any parameter of the model changed since the last build."""
-        if _param_key(self.model) != self._key:
+        """Rebuild the cached tensors if any parameter of the model (or the thread count) changed
+        since the last build."""
+        if _param_key(self.model) != self._key or torch.get_num_threads() != self._threads:
             self._build()
 
     def reset_spike_stats(self):
@@ -233,14 +298,17 @@ class RecurrentDecoder:
         cfg = self.model.config
         tokens = tokens.reshape(-1)
         new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
-        logits = torch.empty(tokens.shape[0], self.head.shape[1], dtype=self.emb.dtype, device=self.emb.device)
+        logits = torch.empty(tokens.shape[0], self.vocab_size, dtype=self.emb.dtype, device=self.emb.device)
         # Inference mode skips the autograd dispatch of every op (~10% of the per-token Python-free
         # overhead); the outputs are allocated outside it, so the caller gets ordinary tensors.
+        mats = self._mats_for(tokens.shape[0])
         with torch.inference_mode():
             counts = self._impl(
-                tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params, self.ln_out[0], self.ln_out[1],
-                self.head, cfg.n_layer, cfg.layer_norm_eps, self.tau, self.v_th, self._ones(state), self.tiny,
-                bool(cfg.binary_embedding), bool(cfg.spiking), self.cast, bool(self.collect_spikes), logits, new)
+                tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params,
+                mats, self.ln_out[0],
+                self.ln_out[1], cfg.n_layer,
+                cfg.layer_norm_eps, self.tau, self.v_th, self._ones(state), self.tiny, bool(cfg.binary_embedding),
+                bool(cfg.spiking), self.cast, bool(self.collect_spikes), logits, new)
         if self.collect_spikes and cfg.spiking:
             c = torch.stack(counts).view(-1, 2).to("cpu", torch.float64)
             self.spike_counts = c if self.spike_counts is None else self.spike_counts + c

@@ -104,6 +104,69 @@ def test_step_is_bitwise_forward_of_one_token():
         s_fast = s_fast_new
 
 
+@pytest.fixture
+def two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def split_model():
+    # Width 256 (blocks of 128 columns) and a 1001-token head: 992 columns in 2 blocks, 9 left over.
+    return spiking_model(2, 1001, n_embd=256, seed=11, scale=30.0)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16, 65])
+def test_split_products_are_bitwise_the_parallel_path(two_threads, batch):
+    """With 2 threads the step's matrix products run as per-thread column blocks (65 > the largest
+    split batch: whole products); every step still equals the parallel path on one token bitwise."""
+    model = split_model()
+    decoder = RecurrentDecoder(model)
+    mats = decoder._mats_for(batch)
+    if batch == 1:  # 256 x 256 blocks of an MKL/oneDNN build split exactly (x86 CI)
+        assert sum(len(m) == 2 for m in mats) >= 2 * model.config.n_layer, "no product was split"
+    if batch == 65:
+        assert all(len(m) == 1 for m in mats)
+    idx = torch.randint(0, 1001, (batch, 4), generator=torch.Generator().manual_seed(batch))
+    state = model.initial_state(batch)
+    for t in range(idx.shape[1]):
+        logits, new = decoder.step(idx[:, t], state)
+        with torch.no_grad():
+            l_par, s_par = model(idx[:, t:t + 1], state=state, return_state=True)
+        assert torch.equal(logits, l_par[:, 0]) and torch.equal(new, s_par)
+        state = new
+    assert firing_rate(model, idx[:2]) > 0.02
+
+
+def test_inexact_split_is_not_used(two_threads, monkeypatch):
+    """A split whose product differs from the whole one by an ulp anywhere is refused."""
+    import spikegpt.recurrent as recurrent
+    exact_mm = recurrent._mm
+
+    def off_by_an_ulp(x, m, cast):
+        y = exact_mm(x, m, cast)
+        return torch.nextafter(y, torch.full_like(y, float("inf"))) if len(m) == 2 else y
+    monkeypatch.setattr(recurrent, "_mm", off_by_an_ulp)
+    decoder = RecurrentDecoder(split_model())
+    assert decoder.split_mats is not None
+    assert all(len(m) == 1 for m in decoder._mats_for(2))
+    assert RecurrentDecoder(split_model(), split=False).split_mats is None
+
+
+def test_split_follows_the_thread_count():
+    model = split_model()
+    decoder = RecurrentDecoder(model)
+    assert decoder.split_mats is None  # this module runs on one thread
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decoder.step(torch.tensor([1]), model.initial_state(1))
+        assert decoder.split_mats is not None
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_batched_states_are_independent():
     model = spiking_model(2, 256, seed=3)
     idx = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(3))
