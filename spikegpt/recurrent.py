@@ -71,10 +71,15 @@ def _mm(x, m: List[torch.Tensor], cast: bool):
             return torch.mm(x.to(m[0].dtype), m[0]).to(x.dtype)
         return torch.mm(x, m[0])
     blocks, rest = m[0], m[1]
-    B = x.shape[0]
-    y = torch.bmm(x.expand(blocks.shape[0], B, x.shape[1]), blocks).transpose(0, 1).reshape(B, -1)
+    B, (P, K, n) = x.shape[0], blocks.shape
+    y = torch.empty(B, P * n + rest.shape[1], dtype=x.dtype, device=x.device)
+    out = y[:, :P * n].view(B, P, n).transpose(0, 1)  # y's columns as (P, B, n)
+    if B == 1:  # contiguous: the batched product writes straight into y
+        torch.bmm(x.expand(P, B, K), blocks, out=out)
+    else:  # strided: ATen would run the blocks one after another, so copy instead
+        out.copy_(torch.bmm(x.expand(P, B, K), blocks))
     if rest.shape[1] > 0:
-        y = torch.cat([y, torch.mm(x, rest)], 1)
+        torch.mm(x, rest, out=y[:, P * n:])  # BLAS takes y's row stride as is
     return y
 
 
