@@ -70,12 +70,14 @@ def bare_pass(mats, batch, dtype, device):
 def decoder_matvec_pass(decoder, batch, device):
     """The matrix products of one ``decoder`` step at ``batch``, with nothing in between."""
     mats = decoder._mats_for(batch)
-    xs = {m[0].shape[-2]: torch.randn(batch, m[0].shape[-2], device=device) for m in mats}
+    # inputs: (in, out) matrices, (P, in, n) blocks, or oneDNN-packed (out, in) weights
+    width = [m[0].shape[1] if m[0].is_mkldnn else m[0].shape[-2] for m in mats]
+    xs = {n: torch.randn(batch, n, device=device) for n in width}
 
     def run():
         with torch.inference_mode():
-            for m in mats:
-                _mm(xs[m[0].shape[-2]], m, decoder.cast)
+            for n, m in zip(width, mats):
+                _mm(xs[n], m, decoder.cast)
     return run
 
 

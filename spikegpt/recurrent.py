@@ -29,7 +29,8 @@ way; the matrix products cannot (a (B, C) x (C, N) product is blocked differentl
 product of the parallel path, which moves results by an ulp or so).  On the reference checkpoints
 (spike rates 15-22%) this has not flipped a spike in our tests; ``tests/test_recurrent.py`` measures it.
 
-``weight_dtype=torch.bfloat16`` (opt-in, for CPU decoding speed) keeps a bf16 copy of every matrix;
+``weight_dtype=torch.bfloat16`` (opt-in, for CPU decoding speed) keeps a bf16 copy of every matrix
+(on a CPU prepacked for oneDNN's matrix-vector kernels, 1.5x faster than ``torch.mm`` on bf16);
 activations are rounded to bf16 only as matmul inputs, everything else (LayerNorm, WKV, LIF, the state)
 stays fp32.  That is an approximation of the model, not the model: spikes near threshold will flip.
 """
@@ -62,11 +63,28 @@ _SMALL = 10
 _SPLIT_MAX_BATCH = 64
 
 
+def _linear_without_onednn(x, w):
+    raise RuntimeError("oneDNN-packed weights need torch's mkldnn ops")
+
+
+try:  # oneDNN's linear on prepacked weights (the bf16 mode; written in TorchScript's own syntax, whose
+    # `number` type the op's `Scalar?[]` argument needs)
+    _onednn_linear = torch.jit.CompilationUnit("""
+def linear(x: Tensor, w: Tensor) -> Tensor:
+    no_scalars: List[Optional[number]] = []
+    return torch.ops.mkldnn._linear_pointwise(x.to(w.dtype), w, None, "none", no_scalars, "").to(x.dtype)
+""").linear
+except Exception:  # torch built without mkldnn
+    _onednn_linear = _linear_without_onednn
+
+
 def _mm(x, m: List[torch.Tensor], cast: bool):
     """``x @ w`` for ``m = [w]``, or for ``w`` split by columns (see ``RecurrentDecoder._split``) into
     ``m = [blocks, rest]``: ``blocks`` (P, in, n) multiplied as one batched product, which ATen
     spreads over the cores (a single matrix-vector product runs on one core), then ``rest`` (in, r)."""
     if len(m) == 1:
+        if m[0].is_mkldnn:  # bf16 mode: a prepacked (out, in) weight
+            return _onednn_linear(x, m[0])
         if cast:
             return torch.mm(x.to(m[0].dtype), m[0]).to(x.dtype)
         return torch.mm(x, m[0])
@@ -81,6 +99,23 @@ def _mm(x, m: List[torch.Tensor], cast: bool):
     if rest.shape[1] > 0:
         torch.mm(x, rest, out=y[:, P * n:])  # BLAS takes y's row stride as is
     return y
+
+
+def _packed(w):
+    """``w`` (in, out) as oneDNN's prepacked (out, in) weight where that is available and gives the
+    same product as ``torch.mm`` (1.5x faster decoding with bf16 weights on a CPU), else ``w``."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return w
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 1)
+        x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            want, got = torch.mm(x.to(w.dtype), w).float(), _onednn_linear(x, packed)
+        if got.shape == want.shape and (got - want).abs().max() <= 1e-2 * want.abs().max():
+            return packed
+    except Exception:  # a torch whose private oneDNN ops differ: the plain product
+        pass
+    return w
 
 
 def _shape_key(w):
@@ -233,7 +268,7 @@ class RecurrentDecoder:
         self._ones_cache = None
         self.tiny = torch.finfo(self.emb.dtype).tiny
         self._impl = _compiled_step() if self.script else _step_impl
-        self.mats = [[w] for w in mats]
+        self.mats = [[_packed(w) if self.cast else w] for w in mats]
         self.split_mats = self._split(mats)
         self.vocab_size = mats[-1].shape[1]
         self._key = _param_key(m)

@@ -227,9 +227,18 @@ def test_bf16_weights_mode_is_close():
     with torch.no_grad():
         parallel = model(idx)
     dec = RecurrentDecoder(model, torch.bfloat16)
+    if torch.backends.mkldnn.is_available():  # the oneDNN-prepacked weights are what is tested here
+        assert all(m[0].is_mkldnn for m in dec.mats)
     got, state = run_steps(model, idx, decoder=dec)
     assert got.dtype == state.dtype == torch.float32
     assert (got - parallel).abs().max().item() < 0.05 * parallel.abs().max().item()
+    # Prepacked or not, the same bf16 products.
+    plain = RecurrentDecoder(model, torch.bfloat16)
+    plain.mats = [[m.weight.detach().to(torch.bfloat16).t()] for b in model.blocks for m in (
+        b.att.key, b.att.value, b.att.receptance, b.att.output, b.ffn.key, b.ffn.receptance, b.ffn.value)]
+    plain.mats.append([model.head.weight.detach().to(torch.bfloat16).t()])
+    want, _ = run_steps(model, idx, decoder=plain)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("name", ["tiny_l2_v77", "tiny_l8_v97"])
