@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WKV/LIF implementation of the prefill (spikegpt.ops backends)")
     r.add_argument("--bf16-weights", action="store_true",
                    help="decode with bf16 copies of the weight matrices (faster on CPU; approximate)")
+    r.add_argument("--exact-batches", action="store_true",
+                   help="--num-samples > 1 on a CPU: use the parallel path's own BLAS products (bitwise "
+                        "equal to it on one token, 2-3x slower) instead of oneDNN's")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 
@@ -342,7 +345,8 @@ def run(args, out=None, err=None) -> None:
     model, tokenizer = load_model(args)
     model = model.to(args.device).eval()
     prompt_ids = _encode_prompt(tokenizer, prompt)
-    decoder = RecurrentDecoder(model, torch.bfloat16 if args.bf16_weights else None)
+    decoder = RecurrentDecoder(model, torch.bfloat16 if args.bf16_weights else None,
+                               exact_batches=args.exact_batches)
     decoder.collect_spikes = args.spike_stats
     generator = torch.Generator(device="cpu")
     if args.seed is not None:

@@ -226,8 +226,9 @@ class SpikeGPT(nn.Module):
     def step(self, tokens, state):
         """One recurrent step: ``tokens`` (B,) -> (logits (B, V), new state); ``state`` is not modified.
 
-        The exact math of the parallel path (so states are interchangeable with ``forward``), run by
-        the cached fast decoder of ``spikegpt.recurrent``; in training mode (dropout), for half
+        The exact math of the parallel path (so states are interchangeable with ``forward``; at batch
+        1 bitwise ``forward`` on one token, for batches up to the summation order of the matrix
+        products), run by the cached fast decoder of ``spikegpt.recurrent``; in training mode (dropout), for half
         precision weights, or while spikes are being recorded (``LIF.record``) it falls back to
         ``forward`` on one token."""
         if (self.training or self.head.weight.dtype not in (torch.float32, torch.float64)

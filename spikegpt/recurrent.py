@@ -14,11 +14,15 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
 * LIF runs as one step of ``ops.lif_torch``: ``h = v + (x - v) / tau`` (one ``addcdiv``, which rounds
   the same: its kernel is ``v + 1 * d / tau``, and a division feeding the add cannot be FMA-contracted),
   ``s = h >= v_th``, ``v = h (1 - s)``;
-* on a CPU with several threads, each matrix-vector product is split by output columns into one block
-  per thread and run as one batched product (``bmm``), which ATen spreads over the cores, where a
+* on a CPU, a batch of one sequence splits each matrix-vector product by output columns into one
+  block per thread, run as one batched product (``bmm``) that ATen spreads over the cores, where a
   plain ``mm`` of one row runs on one core and streams weights at a fraction of the memory's rate;
   a split is used only where it gives bitwise the same product (checked on this machine, per shape
-  and batch size: ``RecurrentDecoder._mats_for``);
+  and batch size: ``RecurrentDecoder._mats_for``), so a step stays bitwise the parallel path run on
+  one token.  Batches of 2+ sequences multiply by oneDNN-prepacked copies of the weights (2-3x
+  faster than MKL's few-row products; built on the first batched step, a second copy of the
+  weights), which sum in another order: the same products to an ulp or so, as between any two
+  product shapes.  ``exact_batches=True`` keeps MKL's (split) products at every batch size;
 * the new state is assembled by one ``stack`` at the end; the ops run under ``torch.inference_mode``
   (no autograd dispatch), writing the caller-visible outputs into ordinary tensors; the small
   per-layer tensors are packed into one buffer per layer (they are re-fetched from memory after every
@@ -101,17 +105,18 @@ def _mm(x, m: List[torch.Tensor], cast: bool):
     return y
 
 
-def _packed(w):
-    """``w`` (in, out) as oneDNN's prepacked (out, in) weight where that is available and gives the
-    same product as ``torch.mm`` (1.5x faster decoding with bf16 weights on a CPU), else ``w``."""
+def _packed(w, batch_hint: int):
+    """``w`` (in, out) as oneDNN's prepacked (out, in) weight (laid out for ``batch_hint`` rows) where
+    that is available and gives ``torch.mm``'s product up to summation order, else ``w``."""
     if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return w
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), batch_hint)
         x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            want, got = torch.mm(x.to(w.dtype), w).float(), _onednn_linear(x, packed)
-        if got.shape == want.shape and (got - want).abs().max() <= 1e-2 * want.abs().max():
+            want, got = torch.mm(x.to(w.dtype), w).float(), _onednn_linear(x, packed).float()
+        tol = 1e-2 if w.dtype == torch.bfloat16 else 1e-5
+        if got.shape == want.shape and (got - want).abs().max() <= tol * want.abs().max():
             return packed
     except Exception:  # a torch whose private oneDNN ops differ: the plain product
         pass
@@ -208,12 +213,16 @@ class RecurrentDecoder:
     ``script``: run the step under TorchScript (default; falls back to eager if unavailable).
     ``split``: on a CPU, spread each matrix product over the threads where that is bitwise exact
     (default; see the module docstring).
+    ``exact_batches``: batches of 2+ sequences use the same (split) BLAS products as batch 1, bitwise
+    the parallel path run on one token, instead of the 2-3x faster oneDNN products (default off).
     Set ``collect_spikes = True`` to accumulate per-layer spike counts in ``spike_counts``
     ((n_layer, 2) for the att / ffn LIFs) over ``spike_steps`` token steps.
     """
 
-    def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True, split: bool = True):
+    def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True, split: bool = True,
+                 exact_batches: bool = False):
         self.model = model
+        self.exact_batches = exact_batches
         self.weight_dtype = weight_dtype
         self.script = script
         self.split = split
@@ -268,7 +277,8 @@ class RecurrentDecoder:
         self._ones_cache = None
         self.tiny = torch.finfo(self.emb.dtype).tiny
         self._impl = _compiled_step() if self.script else _step_impl
-        self.mats = [[_packed(w) if self.cast else w] for w in mats]
+        self.mats = [[_packed(w, 1) if self.cast else w] for w in mats]
+        self._batched = None
         self.split_mats = self._split(mats)
         self.vocab_size = mats[-1].shape[1]
         self._key = _param_key(m)
@@ -299,6 +309,10 @@ class RecurrentDecoder:
         the whole product, for instance), so a split is used only where it reproduces the whole
         product bitwise on this machine, checked once per matrix shape (and alignment) and batch size
         (kernels do not branch on values: one random draw decides)."""
+        if batch > 1 and not self.exact_batches and not self.cast and self.emb.device.type == "cpu":
+            if self._batched is None:  # built on the first batched step: a second copy of the weights
+                self._batched = [[_packed(w, 16)] for (w,) in self.mats]
+            return self._batched
         if self.split_mats is None or batch > _SPLIT_MAX_BATCH:
             return self.mats
         if batch not in self._exact:

@@ -195,6 +195,11 @@ def test_cli_stream_equals_batch_output(ckpts, capsys):
     assert main(args + ["--bf16-weights", "--kernels", "torch"]) == 0
     assert main(args + ["--num-samples", "3", "--stop", "x"]) == 0
     assert plain.startswith("Hi")
+    capsys.readouterr()
+    assert main(args + ["--num-samples", "3"]) == 0
+    onednn = capsys.readouterr().out
+    assert main(args + ["--num-samples", "3", "--exact-batches"]) == 0
+    assert capsys.readouterr().out == onednn  # products an ulp apart: the same samples here
 
 
 def test_cli_errors(ckpts, capsys, tmp_path):

@@ -85,15 +85,18 @@ def test_chunked_prefill_then_steps(chunks):
     assert (got - full).abs().max().item() <= TOL
 
 
-def test_step_is_bitwise_forward_of_one_token():
-    """States are interchangeable: a fast step is exactly the parallel path run on one token."""
+@pytest.mark.parametrize("batch", [1, 4])
+def test_step_is_bitwise_forward_of_one_token(batch):
+    """States are interchangeable: a fast step is exactly the parallel path run on one token (at batch
+    1 by default; at larger batches with ``exact_batches``, see test_batched_products_are_onednn)."""
     model = spiking_model(3, 97, seed=2)
-    idx = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(2))
-    s_fast = s_par = model.initial_state(4)
-    eager = RecurrentDecoder(model, script=False)
+    idx = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
+    s_fast = s_par = model.initial_state(batch)
+    fast = RecurrentDecoder(model, exact_batches=True)
+    eager = RecurrentDecoder(model, script=False, exact_batches=True)
     for t in range(idx.shape[1]):
         before = s_fast.clone()
-        l_fast, s_fast_new = model.step(idx[:, t], s_fast)
+        l_fast, s_fast_new = (model.step if batch == 1 else fast.step)(idx[:, t], s_fast)
         assert torch.equal(s_fast, before)  # the input state is not modified
         with torch.no_grad():
             l_par, s_par = model(idx[:, t:t + 1], state=s_par, return_state=True)
@@ -122,7 +125,7 @@ def test_split_products_are_bitwise_the_parallel_path(two_threads, batch):
     """With 2 threads the step's matrix products run as per-thread column blocks (65 > the largest
     split batch: whole products); every step still equals the parallel path on one token bitwise."""
     model = split_model()
-    decoder = RecurrentDecoder(model)
+    decoder = RecurrentDecoder(model, exact_batches=True)
     mats = decoder._mats_for(batch)
     if batch == 1:  # 256 x 256 blocks of an MKL/oneDNN build split exactly (x86 CI)
         assert sum(len(m) == 2 for m in mats) >= 2 * model.config.n_layer, "no product was split"
@@ -139,6 +142,29 @@ def test_split_products_are_bitwise_the_parallel_path(two_threads, batch):
     assert firing_rate(model, idx[:2]) > 0.02
 
 
+@pytest.mark.parametrize("batch", [2, 16])
+def test_batched_products_are_onednn(batch):
+    """Batches of 2+ multiply by oneDNN-prepacked copies of the weights (built on the first batched
+    step), which sum in another order than MKL: the same model to an ulp or so, like any change of
+    product shape (the parallel path over T tokens differs from the step the same way)."""
+    model = spiking_model(2, 256, seed=12)
+    decoder = RecurrentDecoder(model)
+    assert decoder._batched is None  # no second copy of the weights until a batch needs it
+    if torch.backends.mkldnn.is_available():
+        assert all(m[0].is_mkldnn for m in decoder._mats_for(batch))
+    assert decoder._mats_for(1) is not decoder._batched
+    idx = torch.randint(0, 256, (batch, 20), generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        parallel, par_state = model(idx, return_state=True)
+    recurrent, rec_state = run_steps(model, idx, decoder=decoder)
+    assert (recurrent - parallel).abs().max().item() <= TOL
+    for slot in (0, 1, LIF_ATT, LIF_FFN):
+        torch.testing.assert_close(rec_state[:, slot], par_state[:, slot], rtol=0, atol=TOL)
+    assert firing_rate(model, idx) > 0.02
+    exact, _ = run_steps(model, idx, decoder=RecurrentDecoder(model, exact_batches=True))
+    assert (recurrent - exact).abs().max().item() <= TOL
+
+
 def test_inexact_split_is_not_used(two_threads, monkeypatch):
     """A split whose product differs from the whole one by an ulp anywhere is refused."""
     import spikegpt.recurrent as recurrent
@@ -148,9 +174,9 @@ def test_inexact_split_is_not_used(two_threads, monkeypatch):
         y = exact_mm(x, m, cast)
         return torch.nextafter(y, torch.full_like(y, float("inf"))) if len(m) == 2 else y
     monkeypatch.setattr(recurrent, "_mm", off_by_an_ulp)
-    decoder = RecurrentDecoder(split_model())
+    decoder = RecurrentDecoder(split_model(), exact_batches=True)
     assert decoder.split_mats is not None
-    assert all(len(m) == 1 for m in decoder._mats_for(2))
+    assert all(len(m) == 1 and not m[0].is_mkldnn for m in decoder._mats_for(1) + decoder._mats_for(2))
     assert RecurrentDecoder(split_model(), split=False).split_mats is None
 
 
@@ -275,5 +301,5 @@ def test_step_records_spikes_through_forward_when_recording():
     for block in model.blocks:
         block.lif1.record = block.lif2.record = "rate"
     slow, _ = model.step(torch.tensor([3, 4]), state)
-    assert torch.equal(fast, slow)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=TOL)  # batch 2: oneDNN vs MKL products
     assert model.blocks[0].lif1.spike_steps == 2
