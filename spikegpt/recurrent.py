@@ -71,8 +71,8 @@ def _linear_without_onednn(x, w):
     raise RuntimeError("oneDNN-packed weights need torch's mkldnn ops")
 
 
-try:  # oneDNN's linear on prepacked weights (the bf16 mode; written in TorchScript's own syntax, whose
-    # `number` type the op's `Scalar?[]` argument needs)
+try:  # oneDNN's linear on prepacked weights (bf16 mode, fp32 batches), in TorchScript's own syntax:
+    # the op's `Scalar?[]` argument needs its `number` type
     _onednn_linear = torch.jit.CompilationUnit("""
 def linear(x: Tensor, w: Tensor) -> Tensor:
     no_scalars: List[Optional[number]] = []
@@ -83,11 +83,12 @@ except Exception:  # torch built without mkldnn
 
 
 def _mm(x, m: List[torch.Tensor], cast: bool):
-    """``x @ w`` for ``m = [w]``, or for ``w`` split by columns (see ``RecurrentDecoder._split``) into
-    ``m = [blocks, rest]``: ``blocks`` (P, in, n) multiplied as one batched product, which ATen
-    spreads over the cores (a single matrix-vector product runs on one core), then ``rest`` (in, r)."""
+    """``x @ w`` for ``m = [w]`` (``w`` (in, out), or oneDNN-prepacked (out, in), see ``_packed``), or
+    for ``w`` split by columns (see ``RecurrentDecoder._split``) into ``m = [blocks, rest]``:
+    ``blocks`` (P, in, n) multiplied as one batched product, which ATen spreads over the cores (a
+    single matrix-vector product runs on one core), then ``rest`` (in, r)."""
     if len(m) == 1:
-        if m[0].is_mkldnn:  # bf16 mode: a prepacked (out, in) weight
+        if m[0].is_mkldnn:
             return _onednn_linear(x, m[0])
         if cast:
             return torch.mm(x.to(m[0].dtype), m[0]).to(x.dtype)
