@@ -112,7 +112,8 @@ from .config import ModelConfig
 E_MAC_45NM = 4.6  # pJ, 32-bit float multiply-accumulate (45 nm)
 E_AC_45NM = 0.9  # pJ, 32-bit float add (45 nm)
 
-__all__ = ["record_spikes", "firing_rates", "spike_stats", "reset_spike_stats", "SpikeRates",
+__all__ = ["record_spikes", "firing_rates", "spike_stats", "reset_spike_stats", "all_reduce_spike_stats",
+           "SpikeRates",
            "count_rwkv", "count_transformer", "summarize_counts", "analyze", "E_MAC_45NM", "E_AC_45NM",
            "main"]
 
@@ -178,6 +179,30 @@ def record_spikes(model, raw: bool = False, reset: bool = True):
             lif.record = prev
         if handle is not None:
             handle.remove()
+
+
+def all_reduce_spike_stats(model) -> None:
+    """Sum the records of every process of the default ``torch.distributed`` group into each one,
+    so that rates cover the whole global batch (a collective: every rank calls it; no-op without a
+    process group)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    model = _unwrap(model)
+    lifs = [lif for _, _, lif in _branches(model)]
+    device = model.emb.weight.device
+    zeros = torch.zeros(model.config.n_embd, dtype=torch.float64, device=device)
+    counts = [zeros if lif.spike_counts is None else lif.spike_counts.to(device, torch.float64) for lif in lifs]
+    emb_ones = getattr(model.emb, "spike_ones", None)
+    scalars = torch.tensor([lif.spike_steps for lif in lifs] + [float(emb_ones or 0), getattr(model.emb, "spike_elems", 0)],
+                           dtype=torch.float64, device=device)
+    flat = torch.cat(counts + [scalars])
+    dist.all_reduce(flat)  # float64 holds integer counts exactly up to 2^53
+    n = len(lifs) * zeros.numel()
+    for lif, c, steps in zip(lifs, flat[:n].view(len(lifs), -1), flat[n:n + len(lifs)].tolist()):
+        lif.spike_counts, lif.spike_steps = (c.long(), int(steps)) if steps else (None, 0)
+    emb_ones, emb_elems = flat[-2:].tolist()
+    model.emb.spike_ones, model.emb.spike_elems = (emb_ones, int(emb_elems)) if emb_elems else (None, 0)
 
 
 def spike_stats(model) -> dict:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
 from . import ops
-from .analyze import firing_rates, record_spikes
+from .analyze import all_reduce_spike_stats, firing_rates, record_spikes
 from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_checkpoint,
                          prune_checkpoints, read_checkpoint, versions)
 from .config import ModelConfig, TrainConfig, preset, resolve_device, split_overrides
@@ -436,6 +436,8 @@ def _run(args, rank, world, device) -> dict:
             log_now = (step + 1) % train_cfg.log_interval == 0 or step + 1 == train_cfg.max_iters
             with record_spikes(model) if log_now else contextlib.nullcontext():
                 loss_sum = accumulate_gradients(step)
+            if log_now:
+                all_reduce_spike_stats(model)
             loss_value = all_reduce_sum([loss_sum], world, device)[0] / (train_cfg.grad_accum * world)
             if not math.isfinite(loss_value):
                 good = latest_checkpoint(out_dir)
@@ -469,6 +471,7 @@ def _run(args, rank, world, device) -> dict:
                 with record_spikes(model):
                     val_loss = estimate_loss(model, val_tokens, train_cfg, model_cfg.ctx_len, device, autocast,
                                              rank, world)
+                all_reduce_spike_stats(model)
                 rates = firing_rates(model, "rate/")
                 last_eval = {"step": step, "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2),
                              **rates}
@@ -513,6 +516,7 @@ def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, l
         result = evaluate_tokens(model, tokens, window=model_cfg.ctx_len, carry_state=args.eval_carry_state,
                                  streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
                                  autocast=autocast, part=(rank, world))
+    all_reduce_spike_stats(model)
     result.update(firing_rates(model, "rate/"))
     nll, count = all_reduce_sum([result["nll_sum"], result["predicted_tokens"]], world, device)
     result.update(nll_sum=nll, predicted_tokens=int(count), loss=nll / count)

@@ -1,4 +1,5 @@
 """Multi-process training with torchrun (gloo on CPU) equals one process with more accumulation."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,15 @@ def test_two_processes_equal_one_with_double_accumulation(tmp_path):
     steps = [line for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line
              and "final_eval" not in line]
     assert len(steps) == 3
+    # Firing rates cover the whole global batch (all ranks' spikes), as in the single process.
+    records = {}
+    for run in ("ddp", "single"):
+        lines = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        records[run] = {k: v for r in lines for k, v in r.items() if k.startswith(("rate/", "train_rate/"))
+                        for k in [f"{r.get('step')}:{r.get('final_eval', '')}:{k}"]}
+    assert records["ddp"] and records["ddp"].keys() == records["single"].keys()
+    for k, v in records["ddp"].items():
+        assert v == pytest.approx(records["single"][k], abs=1e-9), k
 
 
 @pytest.mark.parametrize("accum", [1, 4])
