@@ -328,7 +328,10 @@ def run(args) -> dict:
     ops.set_backend(args.kernels)
     rank, world, device = init_distributed(args.device)
     try:
-        return _run(args, rank, world, device)
+        result = _run(args, rank, world, device)
+        if world > 1:  # no rank tears its connections down while another still uses them
+            dist.barrier()
+        return result
     finally:
         if world > 1:
             dist.destroy_process_group()
