@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode with bf16 copies of the weight matrices (faster on CPU; approximate)")
     r.add_argument("--exact-batches", action="store_true",
                    help="--num-samples > 1 on a CPU: use the parallel path's own BLAS products (bitwise "
-                        "equal to it on one token, 2-3x slower) instead of oneDNN's")
+                        "equal to it on one token, slower) instead of oneDNN's")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p
 

@@ -19,9 +19,9 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
   plain ``mm`` of one row runs on one core and streams weights at a fraction of the memory's rate;
   a split is used only where it gives bitwise the same product (checked on this machine, per shape
   and batch size: ``RecurrentDecoder._mats_for``), so a step stays bitwise the parallel path run on
-  one token.  Batches of 2+ sequences multiply by oneDNN-prepacked copies of the weights (2-3x
-  faster than MKL's few-row products; built on the first batched step, a second copy of the
-  weights), which sum in another order: the same products to an ulp or so, as between any two
+  one token.  Batches of 2+ sequences multiply by oneDNN-prepacked copies of the weights (of the
+  matrices of 512 x 512 or more: 2x faster than MKL's few-row products at the 45m shape; built on
+  the first batched step, a second copy of those weights), which sum in another order: the same products to an ulp or so, as between any two
   product shapes.  ``exact_batches=True`` keeps MKL's (split) products at every batch size;
 * the new state is assembled by one ``stack`` at the end; the ops run under ``torch.inference_mode``
   (no autograd dispatch), writing the caller-visible outputs into ordinary tensors; the small
@@ -65,6 +65,9 @@ _SMALL = 10
 # Batches up to this size split their matrix products over the cores (RecurrentDecoder._split); on
 # a 2-core machine the split is faster at every batch size measured (1 to 64).
 _SPLIT_MAX_BATCH = 64
+# Batched steps use oneDNN for matrices of at least this many weights: a oneDNN call costs ~10 us more
+# than MKL's, which pays off from about 512 x 512 at batch 2 (256 x 256 at batch 16) on our 2-core CPU.
+_ONEDNN_MIN_SIZE = 512 * 512
 
 
 def _linear_without_onednn(x, w):
@@ -215,7 +218,7 @@ class RecurrentDecoder:
     ``split``: on a CPU, spread each matrix product over the threads where that is bitwise exact
     (default; see the module docstring).
     ``exact_batches``: batches of 2+ sequences use the same (split) BLAS products as batch 1, bitwise
-    the parallel path run on one token, instead of the 2-3x faster oneDNN products (default off).
+    the parallel path run on one token, instead of the faster oneDNN products (default off).
     Set ``collect_spikes = True`` to accumulate per-layer spike counts in ``spike_counts``
     ((n_layer, 2) for the att / ffn LIFs) over ``spike_steps`` token steps.
     """
@@ -312,7 +315,7 @@ class RecurrentDecoder:
         (kernels do not branch on values: one random draw decides)."""
         if batch > 1 and not self.exact_batches and not self.cast and self.emb.device.type == "cpu":
             if self._batched is None:  # built on the first batched step: a second copy of the weights
-                self._batched = [[_packed(w, 16)] for (w,) in self.mats]
+                self._batched = [[_packed(w, 16) if w.numel() >= _ONEDNN_MIN_SIZE else w] for (w,) in self.mats]
             return self._batched
         if self.split_mats is None or batch > _SPLIT_MAX_BATCH:
             return self.mats
