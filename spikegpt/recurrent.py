@@ -306,7 +306,9 @@ class RecurrentDecoder:
         return split
 
     def _mats_for(self, batch):
-        """The matrices a step of ``batch`` sequences multiplies by: split where that is exact.
+        """The matrices a step of ``batch`` sequences multiplies by: for 2+ sequences on a CPU
+        (without ``exact_batches``) oneDNN-prepacked copies of the large ones; otherwise the model's
+        own, split over the threads where that is exact.
 
         Each output column is the same dot product either way, but BLAS libraries pick kernels by
         shape (the few leftover columns of a 50277-row head take another kernel at batch 4 than inside
