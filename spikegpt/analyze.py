@@ -639,15 +639,13 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from . import ops
-    from .checkpoint import CheckpointError, load_any
+    from .checkpoint import CheckpointError, add_model_args, load_args
     from .config import resolve_device
     from .data import DataError, default_corpus_dir, load_meta, load_tokenizer, open_split
 
     p = argparse.ArgumentParser(prog="python -m spikegpt.analyze", description=main.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", help="our checkpoint file or run directory (newest checkpoint)")
-    p.add_argument("--reference", help="a reference SpikeGPT state dict (.pth) instead of --ckpt")
-    p.add_argument("--reference-config", help="JSON config of --reference (vocab_size, n_layer, n_embd)")
+    add_model_args(p)
     p.add_argument("--data-dir", help="prepared dataset (default: the built-in corpus)")
     p.add_argument("--split", default="val", help="split to analyse (val, test; 'valid' means val)")
     p.add_argument("--tokens", type=int, default=4096, help="analyse the first N tokens of the split")
@@ -673,14 +671,11 @@ def main(argv=None) -> int:
             _require_matplotlib()
         ops.set_backend(args.kernels)
         device = resolve_device(args.device)
-        model = load_any(args.ckpt, args.reference, args.reference_config, device)
+        model = load_args(args, device)
         data_dir = args.data_dir or default_corpus_dir()
         split = "val" if args.split == "valid" else args.split
         meta = load_meta(data_dir)
-        if meta["vocab_size"] != model.config.vocab_size:
-            raise DataError(f"vocabulary mismatch: the model has {model.config.vocab_size} tokens but "
-                            f"{data_dir} was prepared with {meta['vocab_size']}")
-        tokens = open_split(data_dir, split, meta)
+        tokens = open_split(data_dir, split, meta, model.config.vocab_size)
         report = analyze(model, tokens, args.tokens, args.window, args.streams, args.e_mac, args.e_ac,
                          args.ctx, device)
         report.update(split=split, data_dir=str(data_dir), vocab_kind=meta.get("vocab_kind"),

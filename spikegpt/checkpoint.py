@@ -141,6 +141,27 @@ def load_any(ckpt=None, reference=None, reference_config=None, device="cpu", **c
     return from_reference(reference, config).to(device)
 
 
+def add_model_args(parser) -> None:
+    """The flags that name a model on a command line (``--ckpt`` or ``--reference`` with its config,
+    and the two settings a reference checkpoint does not record); read them with :func:`load_args`."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--ckpt", help="our checkpoint file or run directory (its newest checkpoint)")
+    g.add_argument("--reference", metavar="PTH", help="a reference SpikeGPT state dict (.pth) instead of --ckpt")
+    g.add_argument("--reference-config", metavar="JSON",
+                   help="the reference model's config JSON (vocab_size, n_layer, n_embd, ...)")
+    g.add_argument("--binary-embedding", dest="binary_embedding", action="store_true", default=None,
+                   help="reference import: binarise the embedding, x = H(E[idx]) (our default)")
+    g.add_argument("--no-binary-embedding", dest="binary_embedding", action="store_false",
+                   help="reference import: feed E[idx] itself")
+    g.add_argument("--v-threshold", type=float, default=None, help="reference import: LIF threshold (default 1.0)")
+
+
+def load_args(args, device="cpu") -> SpikeGPT:
+    """The model that :func:`add_model_args`'s flags name."""
+    return load_any(args.ckpt, args.reference, args.reference_config, device,
+                    binary_embedding=args.binary_embedding, v_threshold=args.v_threshold)
+
+
 def save_model(path, model: SpikeGPT, tokenizer=None, extra: dict | None = None) -> None:
     """Write a model-only checkpoint (no optimizer), e.g. a converted reference model."""
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer

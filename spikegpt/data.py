@@ -809,7 +809,7 @@ def _open_token_file(d: Path, fname: Any, n: int, dtype: np.dtype, split: str) -
 
 
 def open_split(data_dir: str | os.PathLike[str], split: str,
-               meta: Mapping[str, Any] | None = None) -> np.memmap | ShardedTokens:
+               meta: Mapping[str, Any] | None = None, vocab_size: int | None = None) -> np.memmap | ShardedTokens:
     """Memory-map one split's tokens (read-only, 1-D, dtype from meta).
 
     Returns an ``np.memmap`` for a single-file split and a :class:`ShardedTokens` (same array-like
@@ -817,11 +817,14 @@ def open_split(data_dir: str | os.PathLike[str], split: str,
 
     Raises:
         DataError: unknown split, split file missing, file size not matching meta (truncated/corrupt),
-            or empty split.
+            empty split, or a vocabulary other than ``vocab_size`` (that of the model to be fed).
     """
     d = Path(data_dir)
     if meta is None:
         meta = load_meta(d)
+    if vocab_size is not None and meta["vocab_size"] != vocab_size:
+        raise DataError(f"vocabulary mismatch: the model has {vocab_size} tokens but {d} was prepared with "
+                        f"{meta['vocab_size']}; prepare the data with the model's tokenizer")
     splits = meta["splits"]
     if split not in splits:
         hint = " (prepare with --test-fraction to get a test split)" if split == "test" else ""

@@ -78,16 +78,14 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from . import ops
-    from .checkpoint import CheckpointError, load_any
+    from .checkpoint import CheckpointError, add_model_args, load_args
     from .config import resolve_device
     from .data import DataError, load_meta, open_split
     from .metrics import unit_metrics
 
     p = argparse.ArgumentParser(prog="python -m spikegpt.evaluate", description=main.__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", help="our checkpoint file or run directory (newest checkpoint)")
-    p.add_argument("--reference", help="a reference SpikeGPT state dict (.pth) instead of --ckpt")
-    p.add_argument("--reference-config", help="JSON config of --reference (vocab_size, n_layer, n_embd)")
+    add_model_args(p)
     p.add_argument("--data-dir", required=True, help="prepared dataset (data/prepare_*.py)")
     p.add_argument("--split", default="val", help="split to evaluate (val, test; 'valid' means val)")
     p.add_argument("--window", type=int, default=None, help="tokens per forward pass (default: the "
@@ -103,14 +101,10 @@ def main(argv=None) -> int:
     try:
         ops.set_backend(args.kernels)
         device = resolve_device(args.device)
-        model = load_any(args.ckpt, args.reference, args.reference_config, device)
+        model = load_args(args, device)
         split = "val" if args.split == "valid" else args.split
         meta = load_meta(args.data_dir)
-        if meta["vocab_size"] != model.config.vocab_size:
-            raise DataError(f"vocabulary mismatch: the model has {model.config.vocab_size} tokens but "
-                            f"{args.data_dir} was prepared with {meta['vocab_size']}; prepare the data with "
-                            "the model's tokenizer")
-        tokens = open_split(args.data_dir, split, meta)
+        tokens = open_split(args.data_dir, split, meta, model.config.vocab_size)
         window = args.window or model.config.ctx_len
         start = time.perf_counter()
         result = evaluate_tokens(model, tokens, window, args.carry_state, args.streams, args.max_tokens, device)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import add_model_args
+
 __all__ = ["generate", "filter_logits", "sample_next", "StreamDecoder", "start_token", "main",
            "truncate_at_stop"]
 
@@ -230,16 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="generate.py", description="Sample text from a SpikeGPT checkpoint (recurrent mode).",
         epilog="An empty prompt starts from the start token: <|endoftext|> if the vocabulary has one, "
                "else '\\n' for bytes, id 0 for chars.")
-    src = p.add_argument_group("model")
-    src.add_argument("--ckpt", help="a checkpoint file (ckpt-*.pt) or a run directory (its newest checkpoint)")
-    src.add_argument("--reference", metavar="PTH", help="a reference SpikeGPT state_dict (.pth) instead of --ckpt")
-    src.add_argument("--reference-config", metavar="JSON",
-                     help="the reference model's config JSON (vocab_size, n_layer, n_embd, ...)")
-    src.add_argument("--binary-embedding", dest="binary_embedding", action="store_true", default=None,
-                     help="reference import: binarise the embedding, x = H(E[idx]) (our default)")
-    src.add_argument("--no-binary-embedding", dest="binary_embedding", action="store_false",
-                     help="reference import: feed E[idx] itself")
-    src.add_argument("--v-threshold", type=float, default=None, help="reference import: LIF threshold (default 1.0)")
+    add_model_args(p)
+    src = p.add_argument_group("tokenizer")
     src.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte', a tokenizer.json "
                                          "(BPE) or a JSON written by Tokenizer.to_dict()")
     g = p.add_argument_group("prompt and sampling")
@@ -288,10 +282,9 @@ def load_tokenizer(spec: str):
 
 
 def load_model(args):
-    from .checkpoint import CheckpointError, load_any
+    from .checkpoint import CheckpointError, load_args
     try:
-        model = load_any(args.ckpt, args.reference, args.reference_config,
-                         binary_embedding=args.binary_embedding, v_threshold=args.v_threshold)
+        model = load_args(args)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
     tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer

@@ -65,3 +65,26 @@ def test_cli_reports_units_and_refuses_vocab_mismatch(tmp_path):
     out = subprocess.run([sys.executable, "-m", "spikegpt.evaluate", "--ckpt", str(tmp_path / "v50.pt"),
                           "--data-dir", str(data)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and "vocabulary mismatch" in out.stderr and "50" in out.stderr
+
+
+def test_cli_picks_reference_settings(tmp_path, capsys):
+    """A reference checkpoint records neither binary_embedding nor v_threshold: the evaluator takes
+    both (the README's way to pick them is to compare these losses)."""
+    from spikegpt.evaluate import main
+    data = tmp_path / "data"
+    prepare_splits(TEXT, data, vocab="byte", val_fraction=0.2)
+    torch.manual_seed(0)
+    model = SpikeGPT(ModelConfig(vocab_size=256, n_layer=2, n_embd=16))
+    torch.save(model.state_dict(), tmp_path / "ref.pth")
+    (tmp_path / "ref.json").write_text(json.dumps({"vocab_size": 256, "n_layer": 2, "n_embd": 16, "ctx_len": 32}))
+    ref = ["--reference", str(tmp_path / "ref.pth"), "--reference-config", str(tmp_path / "ref.json"),
+           "--data-dir", str(data), "--device", "cpu"]
+    losses = {}
+    for extra in ([], ["--no-binary-embedding"], ["--v-threshold", "0.01"]):
+        assert main(ref + extra + ["--json", str(tmp_path / "r.json")]) == 0
+        losses[" ".join(extra)] = json.loads((tmp_path / "r.json").read_text())["loss"]
+    assert len(set(losses.values())) == 3, losses
+    save_model(tmp_path / "ours.pt", model, tokenizer=ByteTokenizer())
+    capsys.readouterr()
+    assert main(["--ckpt", str(tmp_path / "ours.pt"), "--data-dir", str(data), "--no-binary-embedding"]) == 1
+    assert "--reference imports only" in capsys.readouterr().err
