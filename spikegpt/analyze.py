@@ -113,8 +113,7 @@ E_MAC_45NM = 4.6  # pJ, 32-bit float multiply-accumulate (45 nm)
 E_AC_45NM = 0.9  # pJ, 32-bit float add (45 nm)
 
 __all__ = ["record_spikes", "firing_rates", "spike_stats", "reset_spike_stats", "all_reduce_spike_stats",
-           "SpikeRates",
-           "count_rwkv", "count_transformer", "summarize_counts", "analyze", "E_MAC_45NM", "E_AC_45NM",
+           "SpikeRates", "count_rwkv", "count_transformer", "summarize_counts", "analyze", "E_MAC_45NM", "E_AC_45NM",
            "main"]
 
 
@@ -193,8 +192,8 @@ def all_reduce_spike_stats(model) -> None:
     device = model.emb.weight.device
     zeros = torch.zeros(model.config.n_embd, dtype=torch.float64, device=device)
     counts = [zeros if lif.spike_counts is None else lif.spike_counts.to(device, torch.float64) for lif in lifs]
-    emb_ones = getattr(model.emb, "spike_ones", None)
-    scalars = torch.tensor([lif.spike_steps for lif in lifs] + [float(emb_ones or 0), getattr(model.emb, "spike_elems", 0)],
+    emb_ones, emb_elems = getattr(model.emb, "spike_ones", None), getattr(model.emb, "spike_elems", 0)
+    scalars = torch.tensor([lif.spike_steps for lif in lifs] + [float(emb_ones or 0), emb_elems],
                            dtype=torch.float64, device=device)
     flat = torch.cat(counts + [scalars])
     dist.all_reduce(flat)  # float64 holds integer counts exactly up to 2^53

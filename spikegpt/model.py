@@ -228,9 +228,9 @@ class SpikeGPT(nn.Module):
 
         The exact math of the parallel path (so states are interchangeable with ``forward``; at batch
         1 bitwise ``forward`` on one token, for batches up to the summation order of the matrix
-        products), run by the cached fast decoder of ``spikegpt.recurrent``; in training mode (dropout), for half
-        precision weights, or while spikes are being recorded (``LIF.record``) it falls back to
-        ``forward`` on one token."""
+        products), run by the cached fast decoder of ``spikegpt.recurrent``; in training mode
+        (dropout), for half precision weights, or while spikes are being recorded (``LIF.record``) it
+        falls back to ``forward`` on one token."""
         if (self.training or self.head.weight.dtype not in (torch.float32, torch.float64)
                 or any(b.lif1.record or b.lif2.record for b in self.blocks)):
             logits, state = self(tokens.view(-1, 1), state=state, return_state=True)

@@ -21,8 +21,9 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
   and batch size: ``RecurrentDecoder._mats_for``), so a step stays bitwise the parallel path run on
   one token.  Batches of 2+ sequences multiply by oneDNN-prepacked copies of the weights (of the
   matrices of 512 x 512 or more: 2x faster than MKL's few-row products at the 45m shape; built on
-  the first batched step, a second copy of those weights), which sum in another order: the same products to an ulp or so, as between any two
-  product shapes.  ``exact_batches=True`` keeps MKL's (split) products at every batch size;
+  the first batched step, a second copy of those weights), which sum in another order: the same
+  products to an ulp or so, as between any two product shapes.  ``exact_batches=True`` keeps MKL's
+  (split) products at every batch size;
 * the new state is assembled by one ``stack`` at the end; the ops run under ``torch.inference_mode``
   (no autograd dispatch), writing the caller-visible outputs into ordinary tensors; the small
   per-layer tensors are packed into one buffer per layer (they are re-fetched from memory after every
@@ -282,8 +283,10 @@ class RecurrentDecoder:
         self.tiny = torch.finfo(self.emb.dtype).tiny
         self._impl = _compiled_step() if self.script else _step_impl
         self.mats = [[_packed(w, 1) if self.cast else w] for w in mats]
-        self._batched = None
+        self._threads = torch.get_num_threads()
         self.split_mats = self._split(mats)
+        self._exact = {}  # batch size -> the (split where exact) matrices, see _mats_for
+        self._batched = None  # the oneDNN copies for batches, built on first use
         self.vocab_size = mats[-1].shape[1]
         self._key = _param_key(m)
 
@@ -293,8 +296,6 @@ class RecurrentDecoder:
         ATen runs a matrix-vector product on a single core, which cannot stream weights as fast as
         the memory allows; the P blocks of a batched product run on P cores.  Blocks are multiples of
         16 columns, so each starts as aligned as the matrix."""
-        self._threads = torch.get_num_threads()
-        self._exact = {}
         if not self.split or self.emb.device.type != "cpu" or self.cast or self._threads < 2:
             return None
         split = []
