@@ -20,10 +20,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ModelConfig
-
-# The slots of a layer's recurrent state.
-ATT_SHIFT, FFN_SHIFT, WKV_P, WKV_Q, WKV_O, LIF_ATT, LIF_FFN = range(7)
-N_STATE_SLOTS = 7
+from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, N_STATE_SLOTS, WKV_O, WKV_P, WKV_Q, initial_state
 
 
 def token_shift(z, last):
@@ -193,11 +190,9 @@ class SpikeGPT(nn.Module):
 
         fp32 (fp64 for an fp64 model), on the model's device unless ``device`` is given."""
         weight = self.head.weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        state = torch.zeros(self.config.n_layer, N_STATE_SLOTS, batch_size, self.config.n_embd,
-                            dtype=dtype, device=device if device is not None else weight.device)
-        state[:, WKV_O] = ops.EMPTY_EXP
-        return state
+        return initial_state(self.config.n_layer, batch_size, self.config.n_embd,
+                             torch.float64 if weight.dtype == torch.float64 else torch.float32,
+                             device if device is not None else weight.device)
 
     def forward(self, idx, targets=None, state=None, return_state=False):
         """Logits (B, T, V) for token ids ``idx`` (B, T), continuing from ``state`` (zero state when

@@ -46,7 +46,7 @@ from typing import List
 
 import torch
 
-from .model import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
+from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
 
 # _step_impl indexes the state slots by number (TorchScript has no module constants): check them.
 assert (ATT_SHIFT, FFN_SHIFT, WKV_P, WKV_Q, WKV_O, LIF_ATT, LIF_FFN) == (0, 1, 2, 3, 4, 5, 6)

@@ -9,7 +9,7 @@ import torch
 import spikegpt
 from spikegpt import ModelConfig, SpikeGPT, ops
 from spikegpt.checkpoint import CheckpointError
-from spikegpt.model import WKV_O
+from spikegpt.state import WKV_O
 
 REFERENCE_MODELS = ["tiny_l2_v77", "tiny_l8_v97"]
 

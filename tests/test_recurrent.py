@@ -8,7 +8,7 @@ import torch
 
 import spikegpt
 from spikegpt import ModelConfig, SpikeGPT
-from spikegpt.model import LIF_ATT, LIF_FFN, WKV_Q
+from spikegpt.state import LIF_ATT, LIF_FFN, WKV_Q
 from spikegpt.recurrent import RecurrentDecoder, decoder_for
 
 TOL = 1e-5
