@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .data import atomic_write
+from .fileio import atomic_write
 from .model import SpikeGPT
 
 FORMAT = "spikegpt-checkpoint"
@@ -58,7 +58,7 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`spikegpt.data.atomic_write`)."""
+    """``torch.save`` to ``path`` atomically (:func:`spikegpt.fileio.atomic_write`)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
