@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import platform
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -60,8 +59,14 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`spikegpt.fileio.atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` to ``path`` atomically (:func:`spikegpt.fileio.atomic_write`); a full disk or a
+    read-only directory is a :class:`CheckpointError` naming the path, earlier files intact."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise CheckpointError(f"cannot write {path}: {cause}; free disk space or pass a writable location "
+                              "(earlier checkpoints are intact)") from None
 
 
 def prune_checkpoints(out_dir, keep: int) -> None:
@@ -85,7 +90,9 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         path = newest
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a ckpt-*.pt file or a run directory")
-    if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not is_zip:
         raise CheckpointError(f"{path} is not a checkpoint (not a file written by torch.save); pass a "
                               "ckpt-*.pt file or a run directory")
     try:

@@ -124,7 +124,8 @@ import numpy as np
 import torch
 
 from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_dict
-from .fileio import atomic_write, atomic_write_text, tmp_name
+from .errors import UserError
+from .fileio import atomic_write, atomic_write_text, tmp_name  # noqa: F401  (atomic_write: re-exported)
 
 __all__ = [
     "DataError",
@@ -167,7 +168,7 @@ _CHUNK_BYTES = 1 << 23
 _MAX_CODEPOINT = 0x110000
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A dataset problem the user can fix; the message says how."""
 
 
