@@ -13,7 +13,7 @@ The embedding lookup (a table read) is 0 operations in every model.
 Convention (b), ``code`` -- what this implementation computes, read as the recurrent (per token)
 algorithm.  Every matmul reads real-valued data (LayerNorm output mixed with its token-shifted copy,
 ``r * WKV``, ``relu(.)^2``), so every matmul is a MAC; only work whose operand is a spike is an AC per
-actual spike (DESIGN section 4):
+actual spike (docs/model.md §6):
 
 =======================  ====================================  ==================================
 module                   MACs                                  ACs
@@ -37,7 +37,7 @@ ffn.residual                                                   C * sum_l rho_ffn
 head                     V C
 =======================  ====================================  ==================================
 
-WKV per channel and token (the DESIGN section 1 recurrence): ``u + k``, ``max(o, u+k)``, two
+WKV per channel and token (docs/model.md §2): ``u + k``, ``max(o, u+k)``, two
 exponent subtractions, ``w + o``, ``max(w+o, k)``, two more subtractions = 8 AC; ``e1 p + e2 v``,
 ``e1 q + e2`` for the output and again for the state update = 6 MAC; 4 exp and 1 division = 5
 MAC-equivalents.  The residual add of a spike tensor is event-driven: only a 1 needs an addition.

@@ -322,8 +322,9 @@ def run(args) -> dict:
     ``g = rank * grad_accum + micro``, so the data order depends only on the global batch, not on
     how it is spread over processes.
     """
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or cli.default_threads()
+    if threads:
+        torch.set_num_threads(threads)
     ops.set_backend(args.kernels)
     rank, world, device = init_distributed(args.device)
     try:

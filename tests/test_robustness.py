@@ -301,3 +301,23 @@ def test_generate_prints_what_it_has_on_ctrl_c(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert status == 130 and "interrupted" in captured.err and "Traceback" not in captured.err
     assert captured.out.startswith("ab") and len(captured.out.encode("utf-8", "surrogateescape")) >= 2 + 1
+
+
+def test_thread_default_leaves_busy_cores_alone(monkeypatch):
+    from spikegpt.cli import default_threads
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for load, expected in ((0.0, 4), (1.2, 3), (2.0, 2), (3.6, 1), (9.0, 1)):
+        monkeypatch.setattr("os.getloadavg", lambda load=load: (load, load, load))
+        assert default_threads() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert default_threads() is None  # the user's OpenMP setting wins
+
+
+def test_checkpoints_recording_the_old_init_field_still_load(tmp_path):
+    model = spikegpt.SpikeGPT(spikegpt.ModelConfig(n_layer=1, n_embd=16))
+    save_model(tmp_path / "m.pt", model)
+    ckpt = torch.load(tmp_path / "m.pt", weights_only=True)
+    ckpt["model_config"]["init"] = "reference"
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert spikegpt.load(tmp_path / "old.pt").config == model.config
