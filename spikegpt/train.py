@@ -300,7 +300,7 @@ def load_configs(args, meta, out_dir):
     return model_cfg, train_cfg, ckpt, init
 
 
-def check_data(model_cfg, meta, data_dir, base_ckpt, splits, out_dir):
+def check_data(model_cfg, meta, data_dir, base_ckpt, splits):
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise TrainingError(f"vocabulary mismatch: the model has vocab_size={model_cfg.vocab_size} but "
                             f"{data_dir} was prepared with {meta['vocab_size']} tokens; train on data "
@@ -346,7 +346,7 @@ def _run(args, rank, world, device) -> dict:
     val_tokens = open_split(data_dir, "val", meta) if "val" in meta["splits"] else None
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     model_cfg, train_cfg, ckpt, init = load_configs(args, meta, out_dir)
-    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens}, out_dir)
+    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens})
     checkpoint_interval = args.checkpoint_interval or train_cfg.eval_interval or 500
 
     torch.manual_seed(train_cfg.seed)
