@@ -6,6 +6,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -423,3 +425,90 @@ def test_prepare_bpe_matches_whole_text_encoding(tmp_path, monkeypatch, prepare_
         ids = open_split(out, name)
         assert ids.tolist() == tok.encode(part)
         assert tok.decode(ids) == part
+
+
+# ------------------------------------------------------------------------- token ids beyond the vocabulary
+def test_open_split_checks_token_ids_against_the_vocabulary(tmp_path):
+    out = tmp_path / "char"
+    meta = prepare_splits(TEXT, out, "char")
+    vocab = meta["vocab_size"]
+    assert vocab < 255 and meta["dtype"] == "uint8"  # the dtype can hold ids beyond the vocabulary
+    for name, s in meta["splits"].items():  # stored at preparation time: opening reads no token
+        assert s["max_id"] == int(np.fromfile(out / s["file"], dtype=np.uint8).max()) < vocab
+    # A dataset prepared before max_id was stored still loads; its ids are checked by a max over the file.
+    old = json.loads((out / "meta.json").read_text())
+    for s in old["splits"].values():
+        del s["max_id"]
+    (out / "meta.json").write_text(json.dumps(old))
+    check_dataset(out)
+    raw = bytearray((out / "val.bin").read_bytes())
+    raw[5] = 255
+    (out / "val.bin").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"val\.bin holds token id 255 .*vocabulary.*--overwrite"):
+        open_split(out, "val")
+    open_split(out, "train")
+    # With max_id stored: a meta.json whose vocabulary is smaller than the ids of its files.
+    other = tmp_path / "other"
+    meta = prepare_splits(TEXT, other, "char")
+    meta["vocab_size"] = meta["splits"]["train"]["max_id"]
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"train\.bin holds token id"):
+        open_split(other, "train")
+
+
+# --------------------------------------------------------------- outputs never replace what is not theirs
+def test_prepare_never_replaces_foreign_files_or_inputs(tmp_path, prepare_text, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.bin").write_bytes(b"precious")
+    assert prepare_text.main(["--input", str(src), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "train.bin" in err and "--overwrite" in err
+    assert (mine / "train.bin").read_bytes() == b"precious"
+    assert prepare_text.main(["--input", str(src), "--out", str(mine), "--overwrite"]) == 0
+    check_dataset(mine)
+    # An input is never replaced, not even with --overwrite.
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (inside / "val.bin").write_text(TEXT, encoding="utf-8")
+    capsys.readouterr()
+    assert prepare_text.main(["--input", str(inside / "val.bin"), "--out", str(inside), "--overwrite"]) == 2
+    assert "input" in capsys.readouterr().err
+    assert (inside / "val.bin").read_text(encoding="utf-8") == TEXT and not (inside / "meta.json").exists()
+
+
+# -------------------------------------------------------------------- user errors: one line, exit status 2
+@pytest.mark.parametrize("script, argv, flag", [
+    ("prepare_text", ["--input", "x", "--out", "y", "--val-fraction", "1.5"], "--val-fraction"),
+    ("prepare_text", ["--input", "x", "--out", "y", "--test-fraction", "-0.1"], "--test-fraction"),
+    ("prepare_text", ["--input", "x", "--out", "y", "--val-fraction", "nan"], "--val-fraction"),
+    ("prepare_openwebtext2", ["--input", "x", "--out", "y", "--workers", "0"], "--workers"),
+    ("prepare_openwebtext2", ["--input", "x", "--out", "y", "--shard-tokens", "-5"], "--shard-tokens"),
+    ("prepare_openwebtext2", ["--input", "x", "--out", "y", "--val-fraction", "1"], "--val-fraction"),
+    ("train_tokenizer", ["--input", "x", "--out", "y", "--vocab-size", "-1"], "--vocab-size"),
+    ("train_tokenizer", ["--input", "x", "--out", "y", "--vocab-size", "300", "--min-frequency", "-2"],
+     "--min-frequency"),
+    ("prepare_enwik8", ["--expected-size", "0"], "--expected-size"),
+    ("prepare_enwik8", ["--timeout", "-1"], "--timeout"),
+])
+def test_data_scripts_validate_numeric_flags_at_parse_time(script, argv, flag, capsys):
+    with pytest.raises(SystemExit) as ei:
+        _load_script(script).main(argv)
+    assert ei.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument " + flag in last and "Traceback" not in last
+
+
+def test_data_script_errors_end_in_one_line(tmp_path, prepare_text, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    # A file-system error (the output's parent is a file) is a user error too.
+    assert prepare_text.main(["--input", str(src), "--out", str(src / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(src) in err
+    proc = subprocess.run([sys.executable, str(REPO / "data" / "prepare_text.py"), "--input",
+                           str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
