@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer processes (default: the number of CPUs)")
     p.add_argument("--val-fraction", type=fraction, default=0.005,
                    help="fraction of documents for val, chosen by a hash of each text (default 0.005)")
-    p.add_argument("--shard-tokens", type=positive_int, default=100_000_000, help="tokens per shard (default 100_000_000)")
+    p.add_argument("--shard-tokens", type=positive_int, default=100_000_000,
+                   help="tokens per shard (default 100_000_000)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different dataset or a different unfinished preparation in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

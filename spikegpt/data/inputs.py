@@ -116,5 +116,5 @@ def val_hash_fraction(text: str) -> float:
 
 
 def is_val_document(text: str, val_fraction: float) -> bool:
-    """True when the document goes to the val split (see the module docstring)."""
+    """True when the document goes to the val split (``docs/data.md``, "Document corpora")."""
     return val_hash_fraction(text) < val_fraction

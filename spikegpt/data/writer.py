@@ -1,7 +1,7 @@
 """The one writer behind every preparation (text files and document corpora alike).
 
 It owns the rules that make preparation safe to repeat and to interrupt (``docs/data.md``,
-"Writing a dataset" and "Resuming a preparation"):
+"Fingerprints", "Writing a dataset" and "Resuming a preparation"):
 
 * the fingerprint: a sha256 over everything that determines the bytes written;
 * the existing-output policy: an identical dataset is left alone, anything else in the way (a
