@@ -47,14 +47,16 @@ def debugging(args=None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("SPIKEGPT_DEBUG", "") not in ("", "0")
 
 
-def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object], argv=None) -> int:
+def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], object], argv=None,
+            interrupted: str = "interrupted (Ctrl-C)") -> int:
     """Parse ``argv`` and run ``main(args)``; returns the exit status: ``main``'s own when it returns an
-    int, else 0 (see the module docstring for errors)."""
+    int, else 0.  A user error or a file-system error (a missing input, a full disk, a read-only
+    directory) is one ``error:`` line and status 2; Ctrl-C prints ``interrupted`` and gives 130."""
     args = parser.parse_args(argv)
     try:
         status = main(args)
         return status if isinstance(status, int) else 0
-    except UserError as e:
+    except (UserError, OSError) as e:
         if debugging(args):
             raise
         print(f"error: {e}", file=sys.stderr)
@@ -62,7 +64,7 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace]
     except KeyboardInterrupt:
         if debugging(args):
             raise
-        print("interrupted (Ctrl-C)", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -72,7 +74,7 @@ def run_cli(parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace]
 def _number(kind, ok: Callable[[float], bool], rule: str):
     def parse(text: str):
         try:
-            value = kind(text)
+            value = kind(text.replace(",", "")) if kind is int else kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
                 from None
@@ -89,6 +91,7 @@ finite_float = _number(float, math.isfinite, "a finite number")
 positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 nonneg_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 unit_interval = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
@@ -271,6 +274,6 @@ def write_json(path, obj) -> None:
 
 
 __all__ = ["UserError", "new_parser", "run_cli", "positive_int", "nonneg_int", "finite_float", "positive_float",
-           "nonneg_float", "unit_interval", "probability", "split_name", "add_device_arg", "add_kernels_arg",
+           "nonneg_float", "unit_interval", "fraction", "probability", "split_name", "add_device_arg", "add_kernels_arg",
            "add_dtype_arg", "add_threads_arg", "default_threads", "add_split_arg", "add_json_arg", "add_model_args",
            "setup_runtime", "device_from", "load_tokenizer", "load_model", "check_data_matches", "write_json"]

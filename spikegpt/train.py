@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-layer", type=cli.positive_int, default=None, help=f"blocks (tiny: {preset('tiny')[0]['n_layer']})")
     a("--n-embd", type=cli.positive_int, default=None, help=f"model width (tiny: {preset('tiny')[0]['n_embd']})")
     a("--ctx-len", type=cli.positive_int, default=None, help="training context length (tokens)")
-    a("--dropout", type=dropout_rate, default=None, help=f"residual dropout in [0, 1) (default {m.dropout})")
+    a("--dropout", type=cli.fraction, default=None, help=f"residual dropout in [0, 1) (default {m.dropout})")
     a("--v-threshold", type=cli.positive_float, default=None, help=f"LIF threshold (default {m.v_threshold})")
     a("--tau", type=cli.positive_float, default=None, help=f"LIF time constant (default {m.tau})")
     a("--no-spike", dest="spiking", action="store_false", default=None,
@@ -107,13 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sample-prompt", default="The ", help="prompt of the final sample")
     cli.add_threads_arg(p)
     return p
-
-
-def dropout_rate(text: str) -> float:
-    value = cli.unit_interval(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} is out of range: must be in [0, 1)")
-    return value
 
 
 def resolve_configs(args) -> tuple[dict, dict]:
@@ -299,7 +292,7 @@ def load_configs(args, meta, out_dir):
     return model_cfg, train_cfg, ckpt, init
 
 
-def check_data(model_cfg, meta, data_dir, base_ckpt, splits, out_dir):
+def check_data(model_cfg, meta, data_dir, base_ckpt, splits):
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise TrainingError(f"vocabulary mismatch: the model has vocab_size={model_cfg.vocab_size} but "
                             f"{data_dir} was prepared with {meta['vocab_size']} tokens; train on data "
@@ -350,7 +343,7 @@ def _run(args, rank, world, device) -> dict:
     val_tokens = open_split(data_dir, "val", meta) if "val" in meta["splits"] else None
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     model_cfg, train_cfg, ckpt, init = load_configs(args, meta, out_dir)
-    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens}, out_dir)
+    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens})
     checkpoint_interval = args.checkpoint_interval or train_cfg.eval_interval or 500
 
     torch.manual_seed(train_cfg.seed)
