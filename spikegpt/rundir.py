@@ -11,6 +11,7 @@ log line and evaluation), ``config.json`` (the run's settings) and ``.lock``.
   last line (power loss, full disk) is dropped with a warning.  A fresh run in a directory whose
   log came from a run that never wrote a checkpoint moves that log aside (``metrics.jsonl.1``, ...).
 * :func:`write_config`: ``config.json``, atomically, refusing to replace a file that is not ours.
+* :class:`Wandb`: the optional Weights & Biases mirror of the log (``--wandb-mode``).
 """
 from __future__ import annotations
 
@@ -129,6 +130,28 @@ def _free_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{n}")
 
 
+class Wandb:
+    def __init__(self, mode: str, project: str, out_dir: Path, config: dict, run_id: str):
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise RunDirError("--wandb-mode needs the wandb package: pip install wandb "
+                                "(or pip install -e '.[wandb]')") from None
+        self.run = wandb.init(project=project, mode=mode, dir=str(out_dir), config=config, id=run_id,
+                              resume="allow")
+
+    def log(self, record: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
 def write_config(out_dir: Path, run_info: dict) -> None:
     """Write ``config.json``, refusing to replace one that another program wrote."""
     path = out_dir / CONFIG_FILE
@@ -143,5 +166,5 @@ def write_config(out_dir: Path, run_info: dict) -> None:
     atomic_write_json(path, run_info)
 
 
-__all__ = ["RunLock", "MetricsLog", "RunDirError", "prepare_dir", "read_records", "write_config",
+__all__ = ["RunLock", "MetricsLog", "Wandb", "RunDirError", "prepare_dir", "read_records", "write_config",
            "METRICS_FILE", "CONFIG_FILE", "LOCK_FILE"]

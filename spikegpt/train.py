@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import os
 import signal
 import sys
 import time
@@ -32,7 +31,8 @@ from .errors import UserError
 from .evaluate import evaluate_tokens
 from .metrics import unit_metrics
 from .model import SpikeGPT
-from .rundir import MetricsLog, RunLock, prepare_dir, write_config
+from .distributed import all_reduce_sum, init_distributed, rng_state, set_rng_state
+from .rundir import MetricsLog, RunLock, Wandb, prepare_dir, write_config
 from .spikes import all_reduce_spike_stats, firing_rates, record_spikes
 from .tokenizer import tokenizer_from_dict
 
@@ -141,29 +141,6 @@ def make_optimizer(model: SpikeGPT, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
 
 
-def init_distributed(device_name: str):
-    """(rank, world size, device) — from torchrun's environment when present (NCCL on GPUs, gloo on
-    CPUs), else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, cli.device_from(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = cli.device_from(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_sum(values: list[float], world: int, device) -> list[float]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def autocast_for(dtype: str, device: torch.device):
     """A zero-argument context factory for the forward pass, and the dtype name actually used."""
     if dtype == "auto":
@@ -174,41 +151,6 @@ def autocast_for(dtype: str, device: torch.device):
         raise TrainingError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return (lambda: torch.autocast(device.type, dtype=torch_dtype)), dtype
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Wandb:
-    def __init__(self, mode: str, project: str, out_dir: Path, config: dict, run_id: str):
-        self.run = None
-        if mode == "disabled":
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise TrainingError("--wandb-mode needs the wandb package: pip install wandb "
-                                "(or pip install -e '.[wandb]')") from None
-        self.run = wandb.init(project=project, mode=mode, dir=str(out_dir), config=config, id=run_id,
-                              resume="allow")
-
-    def log(self, record: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
 
 
 @torch.no_grad()
