@@ -272,7 +272,7 @@ def check_thresholds(model, step: int) -> None:
     """A learnable GIF threshold must stay positive (one host sync per step, only with learnt ones)."""
     named = [(n, p) for n, p in model.named_parameters() if n.endswith(".threshold")]
     if named and float(torch.stack([p.detach() for _, p in named]).min()) <= 0:
-        bad = ", ".join(f"{n} = {float(p):.3g}" for n, p in named if float(p) <= 0)
+        bad = ", ".join(f"{n} = {p.item():.3g}" for n, p in named if p.item() <= 0)
         raise TrainingError(f"a learnable threshold fell to <= 0 at step {step + 1} ({bad}); lower --lr, "
                             "or train with a fixed threshold (drop --learn-threshold)")
 
