@@ -308,7 +308,7 @@ KERNEL_CONFIGS = [(1, False, "hard", "atan"), (2, True, "soft", "atan"), (3, Fal
                   (2, True, "hard", "ste"), (4, True, "zero", "atan"), (2, False, "hard", "atan")]
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 37, 20), (2, 16, 33)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 1, 5), (2, 19, 33)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("L,bipolar,reset,surrogate", KERNEL_CONFIGS,
                          ids=[f"L{c[0]}-{'bi' if c[1] else 'uni'}-{c[2]}-{c[3]}" for c in KERNEL_CONFIGS])
 def test_kernel_matches_fp64_reference(kernels, shape, L, bipolar, reset, surrogate):
@@ -345,7 +345,7 @@ def test_kernel_level_one_equals_the_lif_kernel_and_chunks_carry(kernels):
 
 
 def test_kernel_threshold_gradient_is_deterministic_and_bf16_runs(kernels):
-    x, v0, gy, gv = inputs(3, 20, 40, seed=12, dtype=torch.float32)
+    x, v0, gy, gv = inputs(2, 9, 40, seed=12, dtype=torch.float32)  # two channel blocks
     theta = torch.tensor(0.5)
     kw = dict(levels=2, bipolar=True, reset="soft")
     runs = [grads(kernels.gif, x, v0, theta, gy, gv, **kw)[4] for _ in range(2)]
@@ -363,3 +363,9 @@ def test_dispatcher_sends_gif_to_the_kernel(kernels):
     x, v0, _, _ = inputs(1, 9, 5, dtype=torch.float32)
     kw = dict(theta=0.6, levels=2, bipolar=True, reset="soft")
     assert torch.equal(ops.gif(x, v0, backend="triton", **kw)[0], ops.gif(x, v0, backend="torch", **kw)[0])
+
+
+def test_kernel_custom_op_opcheck(kernels):
+    x, v0, _, _ = inputs(1, 5, 3, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.spikegpt.gif_forward, (x, v0, torch.tensor(0.6), 2.0, 2, True, "soft", "atan", 2.0),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
