@@ -210,41 +210,50 @@ def gif_levels(h, theta, levels: int, bipolar: bool):
     return torch.floor(h / theta).clamp_(0, levels)
 
 
-def _count_surrogate(h, theta, levels: int, bipolar: bool, kind: str, alpha: float):
-    """``(ds/dh, ds/dtheta)`` of the surrogate of ``s = gif_levels(h, theta, L)``.
+def _atan_bump(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`atan_surrogate_grad` computed in place in ``z`` (a fresh tensor), rounding the same:
+    ``c / (1 + (a z)^2)`` is ``reciprocal(1 + (a z)^2) * c`` in PyTorch either way."""
+    return z.mul_(math.pi / 2 * alpha).pow_(2).add_(1).reciprocal_().mul_(alpha / 2)
+
+
+def _count_surrogate(h, theta, levels: int, bipolar: bool, kind: str, alpha: float, need_theta: bool):
+    """``(ds/dh, ds/dtheta, sg1)`` of the surrogate of ``s = gif_levels(h, theta, L)``.
 
     ``atan``: ``s`` as the sum of steps ``H(h - k theta)`` (minus ``H(-h - k theta)``, bipolar), each
     with the arctan surrogate: ``ds/dh = sum_k sg(h - k theta) [+ sg(h + k theta)]``,
     ``ds/dtheta = -sum_k k sg(h - k theta) [+ k sg(h + k theta)]`` (``sg`` even; at L = 1 unipolar
     this is the LIF's surrogate).  ``ste``: ``s ~ h / theta`` inside the unclipped range
-    (``0 <= h < (L + 1) theta``, bipolar ``|h| < (L + 1) theta``), 0 outside.
+    (``0 <= h < (L + 1) theta``, bipolar ``|h| < (L + 1) theta``), 0 outside.  ``ds/dtheta`` is None
+    unless ``need_theta``; ``sg1`` is ``(sg(h - theta), sg(h + theta) or None)`` under ``atan``, the
+    first level's bumps, for the hard reset (None under ``ste``).
     """
     if kind == "ste":
         top = (levels + 1) * theta
         inside = (h.abs() < top if bipolar else (h >= 0) & (h < top)).to(h.dtype)
-        return inside / theta, -inside * h / (theta * theta)
-    ds_dh = atan_surrogate_grad(h - 1 * theta, alpha)
-    ds_dth = -ds_dh
-    for k in range(2, levels + 1):
-        sg = atan_surrogate_grad(h - k * theta, alpha)
-        ds_dh, ds_dth = ds_dh + sg, ds_dth - k * sg
-    if bipolar:
-        for k in range(1, levels + 1):
-            sg = atan_surrogate_grad(h + k * theta, alpha)
-            ds_dh, ds_dth = ds_dh + sg, ds_dth + k * sg
-    return ds_dh, ds_dth
+        return inside / theta, -inside * h / (theta * theta) if need_theta else None, None
+    up = _atan_bump(h - 1 * theta, alpha)
+    ds_dh, ds_dth, down = up, -up if need_theta else None, None
+    for sign, k in [(-1, k) for k in range(2, levels + 1)] + [(1, k) for k in range(1, levels + 1) if bipolar]:
+        sg = _atan_bump(h + sign * k * theta, alpha)
+        down = sg if (sign, k) == (1, 1) else down
+        ds_dh = ds_dh + sg
+        if need_theta:
+            ds_dth = ds_dth.add_(sg, alpha=sign * k)
+    return ds_dh, ds_dth, (up, down)
 
 
-def _fired_surrogate(h, theta, bipolar: bool, kind: str, alpha: float):
+def _fired_surrogate(h, theta, bipolar: bool, kind: str, sg1):
     """``(dF/dh, dF/dtheta)`` of the surrogate of the hard reset's ``F = 1[s != 0]`` (first level):
-    ``F = H(h - theta)`` (bipolar ``+ H(-h - theta)``) under ``atan``; ``F ~ |h| / theta`` on the
-    one-level unclipped range under ``ste``.  At L = 1 unipolar both are those of ``s``."""
-    if not bipolar:
-        return _count_surrogate(h, theta, 1, False, kind, alpha)
+    ``F = H(h - theta)`` (bipolar ``+ H(-h - theta)``) under ``atan``, from the first level's bumps
+    ``sg1``; ``F ~ |h| / theta`` on the one-level unclipped range under ``ste``.  At L = 1 unipolar
+    both are those of ``s``."""
     if kind == "ste":
-        inside = (h.abs() < 2 * theta).to(h.dtype)
-        return inside * torch.sign(h) / theta, -inside * h.abs() / (theta * theta)
-    up, down = atan_surrogate_grad(h - theta, alpha), atan_surrogate_grad(h + theta, alpha)
+        a = h.abs() if bipolar else h
+        inside = ((a < 2 * theta) & (a >= 0)).to(h.dtype)
+        return inside * (torch.sign(h) if bipolar else 1) / theta, -inside * a / (theta * theta)
+    up, down = sg1
+    if not bipolar:
+        return up, -up
     return up - down, -(up + down)
 
 
@@ -300,31 +309,33 @@ class _GIF(torch.autograd.Function):
         tau, levels, bipolar, reset, surrogate, alpha, x_dtype, v_dtype = ctx.consts
         T = h.shape[1]
         gy = grad_y.to(h.dtype)
-        ds_dh, ds_dth = _count_surrogate(h, th, levels, bipolar, surrogate, alpha)
+        need_theta = ctx.needs_input_grad[2]
+        ds_dh, ds_dth, sg1 = _count_surrogate(h, th, levels, bipolar, surrogate, alpha, need_theta)
         gs = gy * th
         from_spike = gs * ds_dh
+        grad_th = (gy * s + gs * ds_dth) if need_theta else None
         if reset == "zero":
             g = from_spike
-            grad_th = (gy * s + gs * ds_dth).sum()
         else:
             if reset == "hard":
-                dF_dh, dF_dth = _fired_surrogate(h, th, bipolar, surrogate, alpha)
+                dF_dh, dF_dth = _fired_surrogate(h, th, bipolar, surrogate, sg1)
                 dv_dh = 1 - (s != 0).to(h.dtype) - h * dF_dh
-                dv_dth = -h * dF_dth
+                dv_dth = -h * dF_dth if need_theta else None
             else:
                 dv_dh = 1 - th * ds_dh
-                dv_dth = -s - th * ds_dth
+                dv_dth = -s - th * ds_dth if need_theta else None
             carry = dv_dh * (1 - 1 / tau)  # dL/dh_t += dL/dh_{t+1} * carry_t
             gvl = grad_v_last.to(h.dtype)
             g = torch.empty_like(h)
             torch.addcmul(from_spike[:, T - 1], gvl, dv_dh[:, T - 1], out=g[:, T - 1])
             for t in range(T - 2, -1, -1):
                 torch.addcmul(from_spike[:, t], g[:, t + 1], carry[:, t], out=g[:, t])
-            c = torch.cat([g[:, 1:] * (1 - 1 / tau), gvl[:, None]], dim=1)  # dL/dv_t
-            grad_th = (gy * s + gs * ds_dth + c * dv_dth).sum()
+            if need_theta:
+                c = torch.cat([g[:, 1:] * (1 - 1 / tau), gvl[:, None]], dim=1)  # dL/dv_t
+                grad_th = grad_th + c * dv_dth
         grad_x = (g / tau).to(x_dtype)
         grad_v0 = (g[:, 0] * (1 - 1 / tau)).to(v_dtype)
-        return grad_x, grad_v0, grad_th if ctx.needs_input_grad[2] else None, None, None, None, None, None, None
+        return grad_x, grad_v0, grad_th.sum() if need_theta else None, None, None, None, None, None, None
 
 
 def gif_torch(x, v0=None, theta=1.0, tau: float = 2.0, levels: int = 1, bipolar: bool = False,
