@@ -9,6 +9,9 @@ A training iteration is forward + backward + AdamW step.  Variants, all on the s
 * ``wkv-sequential``: the same model with the textbook WKV (a Python loop over time with the running
   max, autograd through the loop) — what a direct transcription of the recurrence costs;
 * ``lif-autograd``: the same model with the LIF loop differentiated by autograd;
+* ``gif`` / ``quant``: this package with ``--neuron gif`` (the default GIF configuration of
+  ``spikegpt.config.GIF_DEFAULTS``) or ``--neuron quant`` instead of the LIF (issue 13's budget: a GIF
+  step at most 1.2x a LIF step);
 * ``transformer``: a same-size GPT (pre-LN, 4 heads, causal attention, GELU MLP 4C), the usual yardstick;
 * ``spikegpt-compiled`` (``--compile``): this package under ``torch.compile``.
 
@@ -17,6 +20,7 @@ Results go to ``benchmarks/results/cpu_train-<date>-<commit>.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -114,13 +118,15 @@ def main(argv=None):
     y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.ctx_len))
     warmup = 1 if args.smoke else 3
 
-    def spikegpt_step():
+    def spikegpt_step(config=cfg):
         torch.manual_seed(0)
-        return train_step_fn(SpikeGPT(cfg).train(), x, y)
+        return train_step_fn(SpikeGPT(config).train(), x, y)
 
     rows = {}
     with ops.use_backend("torch"):
         rows["spikegpt"] = timeit(spikegpt_step(), device, warmup, args.iters)
+        for neuron in ("gif", "quant"):
+            rows[neuron] = timeit(spikegpt_step(dataclasses.replace(cfg, neuron=neuron)), device, warmup, args.iters)
         real_wkv, real_lif = ops.wkv_torch, ops.lif_torch
         try:
             ops.wkv_torch = wkv_sequential

@@ -1,16 +1,18 @@
-"""Benchmark the WKV and LIF kernels: Triton vs the PyTorch reference (eager and torch.compile'd) vs
+"""Benchmark the WKV, LIF and GIF kernels: Triton vs the PyTorch reference (eager and torch.compile'd) vs
 flash-linear-attention's RWKV-4 kernel (when ``fla`` is importable).
 
 For every (B, T, C) and dtype it times the forward and the forward+backward and reports the achieved
 bandwidth counting only the *minimum* bytes of DESIGN §6 (per element of (B, T, C), s = bytes of the
-I/O dtype: WKV forward 3s, forward+backward 8s; LIF forward 2s, forward+backward 5s), and that
+I/O dtype: WKV forward 3s, forward+backward 8s; LIF and GIF forward 2s, forward+backward 5s), and that
 bandwidth as a fraction of a device-to-device copy measured in the same run.
 
     python benchmarks/bench_kernels.py                 # GPU: all shapes, fp32 and bf16, writes
                                                        # benchmarks/results/kernels-<device>-<date>.{json,md}
     python benchmarks/bench_kernels.py --smoke         # CPU (Triton interpreter), tiny sizes, seconds
 
-Options: ``--shapes 16x1024x512,12x1024x768``, ``--dtypes fp32,bf16``, ``--kernels wkv,lif``,
+GIF runs the default ``--neuron gif`` configuration (``spikegpt.config.GIF_DEFAULTS``).
+
+Options: ``--shapes 16x1024x512,12x1024x768``, ``--dtypes fp32,bf16``, ``--kernels wkv,lif,gif``,
 ``--compile-ref {none,wkv,all}`` (compiling the LIF reference unrolls its T-step Python loop and takes
 minutes at T = 1024, so by default only the WKV reference is compiled), ``--out PATH``.
 """
@@ -36,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(16, 1024, 512), (12, 1024, 768), (1, 4096, 768), (32, 1024, 768)]
 SMOKE_SHAPES = [(2, 20, 24)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-MIN_BYTES = {("wkv", "fwd"): 3, ("wkv", "fwd+bwd"): 8, ("lif", "fwd"): 2, ("lif", "fwd+bwd"): 5}
+MIN_BYTES = {("wkv", "fwd"): 3, ("wkv", "fwd+bwd"): 8, ("lif", "fwd"): 2, ("lif", "fwd+bwd"): 5,
+             ("gif", "fwd"): 2, ("gif", "fwd+bwd"): 5}
 
 
 def _import_kernels():
@@ -121,6 +124,19 @@ def _lif_impls(kernels, compile_ref):
     return impls
 
 
+def _gif_impls(kernels, compile_ref):
+    from spikegpt.config import GIF_DEFAULTS
+    from spikegpt.ops import gif_torch
+
+    d = GIF_DEFAULTS
+    kw = dict(levels=d["levels"], bipolar=d["polarity"] == "bipolar", reset=d["reset"], surrogate=d["surrogate"])
+    impls = {"triton": lambda x: kernels.gif(x, None, 1.0, **kw)[0], "torch": lambda x: gif_torch(x, None, 1.0, **kw)[0]}
+    if compile_ref == "all":
+        compiled = torch.compile(gif_torch)
+        impls["torch.compile"] = lambda x: compiled(x, None, 1.0, **kw)[0]
+    return impls
+
+
 def bench_case(kernel, impl, fn, shape, dtype, device, timer):
     B, T, C = shape
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -171,7 +187,7 @@ def markdown(report):
     lines = [f"# Kernel benchmark: {report['device']}", "",
              f"commit `{report['commit']}`, {report['date']}, torch {report['torch']}, "
              f"triton {report['triton']}; copy bandwidth {report['copy_GBps']:.0f} GB/s. "
-             "GB/s counts only the minimum bytes (WKV 3s fwd / 8s fwd+bwd, LIF 2s / 5s per element).",
+             "GB/s counts only the minimum bytes (WKV 3s fwd / 8s fwd+bwd, LIF and GIF 2s / 5s per element).",
              "", "| kernel | impl | pass | B×T×C | dtype | ms | GB/s | % of copy |",
              "|---|---|---|---|---|---:|---:|---:|"]
     for r in report["results"]:
@@ -190,7 +206,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (Triton interpreter)")
     ap.add_argument("--shapes", help="comma-separated BxTxC list")
     ap.add_argument("--dtypes", default=None, help="comma-separated subset of fp32,bf16")
-    ap.add_argument("--kernels", default="wkv,lif")
+    ap.add_argument("--kernels", default="wkv,lif,gif")
     ap.add_argument("--compile-ref", choices=("none", "wkv", "all"), default="wkv")
     ap.add_argument("--out", help="JSON path (a .md table is written beside it)")
     args = ap.parse_args(argv)
@@ -222,7 +238,8 @@ def main(argv=None):
 
     results = []
     for kernel in args.kernels.split(","):
-        impls = _wkv_impls(kernels, fla, compile_ref) if kernel == "wkv" else _lif_impls(kernels, compile_ref)
+        impls = {"wkv": lambda: _wkv_impls(kernels, fla, compile_ref), "lif": lambda: _lif_impls(kernels, compile_ref),
+                 "gif": lambda: _gif_impls(kernels, compile_ref)}[kernel]()
         for shape in shapes:
             for dt in dtypes:
                 for impl, fn in impls.items():
@@ -248,8 +265,9 @@ def main(argv=None):
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report))
+        from spikegpt.fileio import atomic_write_text
+        atomic_write_text(out, json.dumps(report, indent=1))
+        atomic_write_text(out.with_suffix(".md"), markdown(report))
         print(f"wrote {out} and {out.with_suffix('.md')}")
     failed = [r for r in results if r["impl"] == "triton" and r["ms"] is None]
     return 1 if failed else 0

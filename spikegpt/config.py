@@ -7,6 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+NEURONS = ("lif", "gif", "quant")
+POLARITIES = ("unipolar", "bipolar")
+# What --neuron gif (or quant) means when no other neuron flag is given.
+GIF_DEFAULTS = dict(levels=4, polarity="bipolar", reset="soft", surrogate="atan")
+
+
 @dataclass
 class ModelConfig:
     """The architecture (docs/model.md §1).  Defaults are the reference implementation's."""
@@ -23,6 +29,15 @@ class ModelConfig:
     surrogate_alpha: float = 2.0  # width of the arctan surrogate gradient
     binary_embedding: bool = True  # x = H(E[idx]); False feeds E[idx] itself
     spiking: bool = True  # False replaces every LIF by the identity (the plain RWKV twin)
+    # The neuron of both branches: "lif" (binary, docs/model.md §3), "gif" (multi-level integrate-and-fire,
+    # SpikeLLM) or "quant" (the GIF quantizer with no membrane carried between tokens, a control).
+    # The GIF fields stay None for "lif"; for "gif"/"quant" None means GIF_DEFAULTS.
+    neuron: str = "lif"
+    levels: int | None = None  # spike counts 0..L (unipolar) or -L..L (bipolar)
+    polarity: str | None = None  # "unipolar" or "bipolar"
+    reset: str | None = None  # "hard" (v = 0 after a spike) or "soft" (v -= theta s); None for quant
+    surrogate: str | None = None  # "atan" (arctan bump at every level) or "ste" (straight-through)
+    learn_threshold: bool = False  # one learnable threshold per neuron branch, LSQ gradient scale
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_embd", "ctx_len", "ffn_mult"):
@@ -30,6 +45,37 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.tau <= 0:
             raise ValueError(f"ModelConfig.tau must be > 0, got {self.tau}")
+        self._resolve_neuron()
+
+    def _resolve_neuron(self):
+        if self.neuron not in NEURONS:
+            raise ValueError(f"unknown neuron {self.neuron!r}: use --neuron with one of {', '.join(NEURONS)}")
+        gif_fields = {k: getattr(self, k) for k in (*GIF_DEFAULTS, "learn_threshold")}
+        if self.neuron == "lif" or not self.spiking:
+            given = [f"--{k.replace('_', '-')}" for k, v in gif_fields.items() if v not in (None, False)]
+            if given:
+                why = ("the model does not spike (--no-spike)" if not self.spiking
+                       else "they configure --neuron gif or quant, not lif")
+                fix = "drop them" if not self.spiking else "add --neuron gif (or quant), or drop them"
+                raise ValueError(f"{' '.join(given)}: {why}; {fix}")
+            if not self.spiking and self.neuron != "lif":
+                raise ValueError(f"--neuron {self.neuron} with --no-spike: the model has no neurons; "
+                                 "drop one of the two flags")
+            return
+        if self.neuron == "quant" and self.reset is not None:
+            raise ValueError("--reset: --neuron quant carries no membrane between tokens, so there is "
+                             "nothing to reset; drop --reset (or use --neuron gif)")
+        for k, default in GIF_DEFAULTS.items():
+            if getattr(self, k) is None and not (k == "reset" and self.neuron == "quant"):
+                setattr(self, k, default)
+        if int(self.levels) < 1:
+            raise ValueError(f"--levels {self.levels}: a GIF neuron needs at least one level; use --levels 1 or more")
+        for k, choices in (("polarity", POLARITIES), ("reset", ("hard", "soft")), ("surrogate", ("atan", "ste"))):
+            value = getattr(self, k)
+            if value is not None and value not in choices:
+                raise ValueError(f"--{k} {value!r} is not one of {', '.join(choices)}; pick one of those")
+        if self.v_threshold <= 0:
+            raise ValueError(f"--v-threshold {self.v_threshold}: a GIF threshold must be > 0; pass a positive one")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -68,7 +114,8 @@ class ModelConfig:
         """``2VC + L(13C^2 + 11C) + 4C`` for ffn_mult 4 (docs/model.md §1); general in ffn_mult."""
         C, V, L, F = self.n_embd, self.vocab_size, self.n_layer, self.ffn_mult * self.n_embd
         per_layer = 5 * C * C + 2 * C * F + 11 * C  # 4 C^2 TimeMix + C^2 + 2CF ChannelMix; 11C vectors
-        return 2 * V * C + L * per_layer + 4 * C  # +4C: LN0 and LN_out
+        thresholds = 2 * L if self.learn_threshold else 0  # one per neuron branch
+        return 2 * V * C + L * per_layer + 4 * C + thresholds  # +4C: LN0 and LN_out
 
 
 @dataclass
@@ -141,4 +188,4 @@ def preset(name: str) -> tuple[dict, dict]:
     return split_overrides(PRESETS[name])
 
 
-__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "split_overrides", "resolve_device"]
+__all__ = ["ModelConfig", "NEURONS", "GIF_DEFAULTS", "TrainConfig", "PRESETS", "preset", "split_overrides", "resolve_device"]

@@ -2,8 +2,10 @@
 
     x = H(E[idx])                                    binary embedding (arctan surrogate)
     x = LN0(x)                                       block 0 only
-    x = x + LIF(TimeMix(LN1(x)))                     spiking RWKV token mixer
-    x = x + LIF(ChannelMix(LN2(x)))                  spiking receptance FFN
+    x = x + N(TimeMix(LN1(x)))                       spiking RWKV token mixer
+    x = x + N(ChannelMix(LN2(x)))                    spiking receptance FFN
+
+N is the configured neuron (``Neuron``): the binary LIF of SpikeGPT, or SpikeLLM's multi-level GIF.
     logits = W_head LN_out(x)
 
 Every block carries a recurrent state, so the same code runs a whole sequence in parallel (training,
@@ -28,39 +30,83 @@ def token_shift(z, last):
     return torch.cat([last[:, None].to(z.dtype), z[:, :-1]], dim=1)
 
 
-class LIF(nn.Module):
-    """Multi-step LIF neurons over the token axis; the identity when the model does not spike.
+class Neuron(nn.Module):
+    """The configured spiking neuron over the token axis (``ops.lif`` or ``ops.gif``); the identity
+    when the model does not spike.
+
+    ``lif``: binary spikes.  ``gif``/``quant``: ``theta * s`` with integer spike counts ``s`` in 0..L
+    (unipolar) or -L..L (bipolar); ``theta`` is ``v_threshold``, or with ``learn_threshold`` a
+    parameter of this branch (initialised to ``v_threshold``) whose gradient is scaled by
+    ``1 / sqrt(C L)`` as in LSQ.
 
     Spike recording is opt-in (``spikegpt.analyze.record_spikes`` sets it up): with ``record`` None,
     the default, nothing is kept and the cost is one attribute test.  With ``record = "rate"`` each
-    call adds its per-neuron spike counts to ``spike_counts`` (int64, shape (C,), on the spikes'
-    device, no host sync) and the number of (sequence, token) steps to ``spike_steps``; with
-    ``record = "raw"`` it also appends the spikes themselves (bool, (B, T, C), on the CPU) to
-    ``spike_trace``.  Recording is detached and never changes the output or the gradients.
+    call adds, on the spikes' device and without a host sync:
+
+    * ``spike_counts`` (int64, (C,)): per neuron, the number of non-zero outputs (firing);
+    * ``spike_abs`` (int64, (C,)): per neuron, the sum of ``|s|`` (spike-count-weighted events; equal
+      to ``spike_counts`` for ``lif``);
+    * ``level_counts`` (int64, (len(level_values),)): how many outputs had each spike count, in the
+      order of ``level_values`` (the tuple of possible counts: (0, 1) for ``lif``, 0..L or -L..L);
+    * ``spike_steps``: the number of (sequence, token) steps.
+
+    With ``record = "raw"`` it also appends the spike counts themselves ((B, T, C) on the CPU; bool
+    for ``lif``, int8 otherwise) to ``spike_trace``.  Recording is detached and never changes the
+    output or the gradients.
     """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.spiking = config.spiking
+        self.spiking, self.kind = config.spiking, config.neuron
         self.tau, self.v_threshold, self.alpha = config.tau, config.v_threshold, config.surrogate_alpha
+        if self.kind == "lif":
+            self.level_values = (0, 1)
+        else:
+            L, self.bipolar = config.levels, config.polarity == "bipolar"
+            self.levels, self.surrogate = L, config.surrogate
+            self.reset = "zero" if self.kind == "quant" else config.reset
+            self.level_values = tuple(range(-L if self.bipolar else 0, L + 1))
+            if config.learn_threshold:
+                self.threshold = nn.Parameter(torch.tensor(float(config.v_threshold)))
+                self.threshold_grad_scale = 1 / math.sqrt(config.n_embd * L)
         self.record = None  # None, "rate" or "raw"
-        self.spike_counts, self.spike_steps, self.spike_trace = None, 0, []
+        self.reset_records()
+
+    def reset_records(self):
+        self.spike_counts, self.spike_abs, self.level_counts, self.spike_steps, self.spike_trace = None, None, None, 0, []
+
+    def theta(self):
+        """The threshold: a float, or the learnable parameter (with LSQ's gradient scale)."""
+        if hasattr(self, "threshold"):
+            return ops.grad_scale(self.threshold, self.threshold_grad_scale)
+        return self.v_threshold
 
     def forward(self, x, v0):
         if not self.spiking:
             return x, v0
-        s, v = ops.lif(x, v0, self.tau, self.v_threshold, self.alpha)
+        if self.kind == "lif":
+            y, v = ops.lif(x, v0, self.tau, self.v_threshold, self.alpha)
+        else:
+            y, v = ops.gif(x, v0, self.theta(), self.tau, self.levels, self.bipolar, self.reset,
+                           self.surrogate, self.alpha)
         if self.record is not None:
-            self._record(s)
-        return s, v
+            self._record(y)
+        return y, v
 
     @torch.no_grad()
-    def _record(self, s):
-        counts = s.detach().reshape(-1, s.shape[-1]).count_nonzero(0)
-        self.spike_counts = counts if self.spike_counts is None else self.spike_counts + counts
+    def _record(self, y):
+        s = y.detach() if self.kind == "lif" else torch.round(y.detach().float() / float(self.theta()))
+        flat = s.reshape(-1, s.shape[-1])
+        counts, total = flat.count_nonzero(0), flat.abs().sum(0).long()
+        hist = torch.bincount((flat.flatten() - self.level_values[0]).long(), minlength=len(self.level_values))
+        if self.spike_counts is None:
+            self.spike_counts, self.spike_abs, self.level_counts = counts, total, hist
+        else:
+            self.spike_counts, self.spike_abs = self.spike_counts + counts, self.spike_abs + total
+            self.level_counts = self.level_counts + hist
         self.spike_steps += s.shape[0] * s.shape[1]
         if self.record == "raw":
-            self.spike_trace.append(s.detach().to("cpu", torch.bool))
+            self.spike_trace.append(s.to("cpu", torch.bool if self.kind == "lif" else torch.int8))
 
 
 class TimeMix(nn.Module):
@@ -135,8 +181,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(C, eps=eps)
         self.att = TimeMix(config, layer_id)
         self.ffn = ChannelMix(config, layer_id)
-        self.lif1 = LIF(config)
-        self.lif2 = LIF(config)
+        self.lif1 = Neuron(config)
+        self.lif2 = Neuron(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, state):
@@ -224,7 +270,7 @@ class SpikeGPT(nn.Module):
         The exact math of the parallel path (so states are interchangeable with ``forward``; at batch
         1 bitwise ``forward`` on one token, for batches up to the summation order of the matrix
         products), run by the cached fast decoder of ``spikegpt.recurrent``; in training mode
-        (dropout), for half precision weights, or while spikes are being recorded (``LIF.record``) it
+        (dropout), for half precision weights, or while spikes are being recorded (``Neuron.record``) it
         falls back to ``forward`` on one token."""
         if (self.training or self.head.weight.dtype not in (torch.float32, torch.float64)
                 or any(b.lif1.record or b.lif2.record for b in self.blocks)):

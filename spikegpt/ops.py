@@ -190,6 +190,201 @@ def lif_torch(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: flo
 
 
 # --------------------------------------------------------------------------------------------------
+# GIF reference: multi-level generalized integrate-and-fire (SpikeLLM, arXiv 2407.04752).
+# --------------------------------------------------------------------------------------------------
+RESETS = ("hard", "soft", "zero")  # "zero": v forced to 0 after every step (the `quant` control)
+SURROGATES = ("atan", "ste")
+
+
+def gif_levels(h, theta, levels: int, bipolar: bool):
+    """The spike count of a membrane: ``clip(floor(h / theta), 0, L)`` (unipolar) or
+    ``sign(h) min(floor(|h| / theta), L)`` (bipolar), with ``h / theta`` rounded once in h's dtype.
+
+    A membrane exactly at ``k theta`` reaches level k wherever ``k theta / theta`` rounds to k (always
+    for a power-of-two theta).  Level 1 fires exactly where the LIF does: ``fl(h / theta) >= 1`` if and
+    only if ``h >= theta`` (a quotient below 1 is at most ``1 - 2^-24`` before rounding, in fp32).
+    A bipolar zero count keeps the sign of ``h`` (``-0.0``), which every use treats as 0.
+    """
+    if bipolar:
+        return torch.copysign(torch.floor(h.abs() / theta).clamp_(max=levels), h)
+    return torch.floor(h / theta).clamp_(0, levels)
+
+
+def _atan_bump(z: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`atan_surrogate_grad` computed in place in ``z`` (a fresh tensor), rounding the same:
+    ``c / (1 + (a z)^2)`` is ``reciprocal(1 + (a z)^2) * c`` in PyTorch either way."""
+    return z.mul_(math.pi / 2 * alpha).pow_(2).add_(1).reciprocal_().mul_(alpha / 2)
+
+
+def _count_surrogate(h, theta, levels: int, bipolar: bool, kind: str, alpha: float, need_theta: bool):
+    """``(ds/dh, ds/dtheta, sg1)`` of the surrogate of ``s = gif_levels(h, theta, L)``.
+
+    ``atan``: ``s`` as the sum of steps ``H(h - k theta)`` (minus ``H(-h - k theta)``, bipolar), each
+    with the arctan surrogate: ``ds/dh = sum_k sg(h - k theta) [+ sg(h + k theta)]``,
+    ``ds/dtheta = -sum_k k sg(h - k theta) [+ k sg(h + k theta)]`` (``sg`` even; at L = 1 unipolar
+    this is the LIF's surrogate).  ``ste``: ``s ~ h / theta`` inside the unclipped range
+    (``0 <= h < (L + 1) theta``, bipolar ``|h| < (L + 1) theta``), 0 outside.  ``ds/dtheta`` is None
+    unless ``need_theta``; ``sg1`` is ``(sg(h - theta), sg(h + theta) or None)`` under ``atan``, the
+    first level's bumps, for the hard reset (None under ``ste``).
+    """
+    if kind == "ste":
+        top = (levels + 1) * theta
+        inside = (h.abs() < top if bipolar else (h >= 0) & (h < top)).to(h.dtype)
+        return inside / theta, -inside * h / (theta * theta) if need_theta else None, None
+    up = _atan_bump(h - 1 * theta, alpha)
+    ds_dh, ds_dth, down = up, -up if need_theta else None, None
+    for sign, k in [(-1, k) for k in range(2, levels + 1)] + [(1, k) for k in range(1, levels + 1) if bipolar]:
+        sg = _atan_bump(h + sign * k * theta, alpha)
+        down = sg if (sign, k) == (1, 1) else down
+        ds_dh = ds_dh + sg
+        if need_theta:
+            ds_dth = ds_dth.add_(sg, alpha=sign * k)
+    return ds_dh, ds_dth, (up, down)
+
+
+def _fired_surrogate(h, theta, bipolar: bool, kind: str, sg1):
+    """``(dF/dh, dF/dtheta)`` of the surrogate of the hard reset's ``F = 1[s != 0]`` (first level):
+    ``F = H(h - theta)`` (bipolar ``+ H(-h - theta)``) under ``atan``, from the first level's bumps
+    ``sg1``; ``F ~ |h| / theta`` on the one-level unclipped range under ``ste``.  At L = 1 unipolar
+    both are those of ``s``."""
+    if kind == "ste":
+        a = h.abs() if bipolar else h
+        inside = ((a < 2 * theta) & (a >= 0)).to(h.dtype)
+        return inside * (torch.sign(h) if bipolar else 1) / theta, -inside * a / (theta * theta)
+    up, down = sg1
+    if not bipolar:
+        return up, -up
+    return up - down, -(up + down)
+
+
+class _GIF(torch.autograd.Function):
+    """Multi-step GIF over dim 1, reset not detached (the LIF's rules, generalised).
+
+    Forward, per neuron: ``h_t = v_{t-1} + (x_t - v_{t-1}) / tau``, ``s_t = gif_levels(h_t)``,
+    ``v_t = h_t (1 - F_t)`` with ``F_t = 1[s_t != 0]`` (hard), ``h_t - theta s_t`` (soft) or 0 (zero);
+    output ``y_t = theta s_t``.  Backward, with ``g_t = dL/dh_t``, ``c_t = dL/dv_t`` (``c_{T-1}`` the
+    gradient of ``v_last``, ``c_{t-1} = g_t (1 - 1/tau)``) and the surrogate slopes above:
+    ``g_t = theta dL/dy_t ds/dh + c_t dv/dh``, ``dL/dx_t = g_t / tau``, ``dL/dv0 = g_0 (1 - 1/tau)``,
+    ``dL/dtheta = sum_t dL/dy_t s_t + theta dL/dy_t ds/dtheta + c_t dv/dtheta`` with ``dv/dh = 1 - F - h dF/dh``, ``dv/dtheta = -h dF/dtheta`` (hard), ``dv/dh = 1 - theta ds/dh``,
+    ``dv/dtheta = -s - theta ds/dtheta`` (soft).  Saves ``h`` and ``s`` (fp32, fp64 for fp64 input).
+    """
+
+    @staticmethod
+    def forward(ctx, x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha):
+        B, T, C = x.shape
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xf, th = x.to(compute), theta.to(compute)
+        v = v0.to(compute)
+        if reset == "zero":
+            prev = torch.cat([v[:, None], torch.zeros_like(xf[:, 1:])], dim=1)
+            h = prev + (xf - prev) / tau
+            s, v = gif_levels(h, th, levels, bipolar), torch.zeros_like(v)
+        elif reset == "hard":  # the loop only needs the fired mask; the levels follow at once
+            h = torch.empty(B, T, C, dtype=compute, device=x.device)
+            fired = torch.empty(B, T, C, dtype=torch.bool, device=x.device)
+            for t in range(T):
+                torch.add(v, (xf[:, t] - v) / tau, out=h[:, t])
+                torch.ge(h[:, t].abs() if bipolar else h[:, t], th, out=fired[:, t])
+                v = h[:, t].masked_fill(fired[:, t], 0.0)
+            s = gif_levels(h, th, levels, bipolar)
+        else:  # gif_levels and v = h - theta s, step by step, written into place
+            h = torch.empty(B, T, C, dtype=compute, device=x.device)
+            s = torch.empty_like(h)
+            neg_th = -th
+            for t in range(T):
+                ht, st = h[:, t], s[:, t]
+                torch.add(v, (xf[:, t] - v) / tau, out=ht)
+                torch.div(ht.abs() if bipolar else ht, th, out=st)
+                st.floor_().clamp_(None if bipolar else 0, levels)
+                if bipolar:
+                    torch.copysign(st, ht, out=st)
+                v = torch.addcmul(ht, st, neg_th)
+        ctx.save_for_backward(h, s, th)
+        ctx.consts = (tau, levels, bipolar, reset, surrogate, alpha, x.dtype, v0.dtype)
+        return (th * s).to(x.dtype), v.to(v0.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_v_last):
+        h, s, th = ctx.saved_tensors
+        tau, levels, bipolar, reset, surrogate, alpha, x_dtype, v_dtype = ctx.consts
+        T = h.shape[1]
+        gy = grad_y.to(h.dtype)
+        need_theta = ctx.needs_input_grad[2]
+        ds_dh, ds_dth, sg1 = _count_surrogate(h, th, levels, bipolar, surrogate, alpha, need_theta)
+        gs = gy * th
+        from_spike = gs * ds_dh
+        grad_th = (gy * s + gs * ds_dth) if need_theta else None
+        if reset == "zero":
+            g = from_spike
+        else:
+            if reset == "hard":
+                dF_dh, dF_dth = _fired_surrogate(h, th, bipolar, surrogate, sg1)
+                dv_dh = 1 - (s != 0).to(h.dtype) - h * dF_dh
+                dv_dth = -h * dF_dth if need_theta else None
+            else:
+                dv_dh = 1 - th * ds_dh
+                dv_dth = -s - th * ds_dth if need_theta else None
+            carry = dv_dh * (1 - 1 / tau)  # dL/dh_t += dL/dh_{t+1} * carry_t
+            gvl = grad_v_last.to(h.dtype)
+            g = torch.empty_like(h)
+            torch.addcmul(from_spike[:, T - 1], gvl, dv_dh[:, T - 1], out=g[:, T - 1])
+            for t in range(T - 2, -1, -1):
+                torch.addcmul(from_spike[:, t], g[:, t + 1], carry[:, t], out=g[:, t])
+            if need_theta:
+                c = torch.cat([g[:, 1:] * (1 - 1 / tau), gvl[:, None]], dim=1)  # dL/dv_t
+                grad_th = grad_th + c * dv_dth
+        grad_x = (g / tau).to(x_dtype)
+        grad_v0 = (g[:, 0] * (1 - 1 / tau)).to(v_dtype)
+        return grad_x, grad_v0, grad_th.sum() if need_theta else None, None, None, None, None, None, None
+
+
+def gif_torch(x, v0=None, theta=1.0, tau: float = 2.0, levels: int = 1, bipolar: bool = False,
+              reset: str = "hard", surrogate: str = "atan", alpha: float = 2.0):
+    """Reference multi-step GIF over dim 1 of ``x`` (B, T, C); returns ``(y, v_last)``, ``y = theta s``.
+
+    ``theta`` is a float or a 0-d tensor (differentiable); ``levels`` L >= 1; ``reset`` one of
+    ``RESETS``; ``surrogate`` one of ``SURROGATES``.  ``v0`` is the membrane before the first step
+    (zeros when None).  The membrane is fp32 (fp64 for fp64 input); ``y`` is in x's dtype.  At
+    ``levels=1, bipolar=False, reset="hard", surrogate="atan", theta=1`` this is :func:`lif_torch`
+    bitwise, forward and backward.
+    """
+    _check_gif(levels, reset, surrogate)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if v0 is None:
+        v0 = torch.zeros(x.shape[0], x.shape[2], device=x.device, dtype=compute)
+    if not torch.is_tensor(theta):
+        theta = torch.tensor(float(theta), dtype=compute, device=x.device)
+    if x.shape[1] == 0:
+        return torch.empty_like(x), v0.clone()
+    return _GIF.apply(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)
+
+
+class _GradScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` itself, with its gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
+    return _GradScale.apply(x, scale)
+
+
+def _check_gif(levels, reset, surrogate):
+    if int(levels) < 1:
+        raise ValueError(f"GIF levels must be >= 1, got {levels}")
+    if reset not in RESETS:
+        raise ValueError(f"unknown GIF reset {reset!r}; choose one of {RESETS}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"unknown GIF surrogate {surrogate!r}; choose one of {SURROGATES}")
+
+
+# --------------------------------------------------------------------------------------------------
 # Dispatch.
 # --------------------------------------------------------------------------------------------------
 def set_backend(name: str) -> None:
@@ -253,3 +448,12 @@ def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2
         from . import kernels
         return kernels.lif(x, v0, tau, v_threshold, alpha)
     return lif_torch(x, v0, tau, v_threshold, alpha)
+
+
+def gif(x, v0=None, theta=1.0, tau: float = 2.0, levels: int = 1, bipolar: bool = False,
+        reset: str = "hard", surrogate: str = "atan", alpha: float = 2.0, backend: str | None = None):
+    """Multi-step GIF over dim 1 of ``x`` (B, T, C); see :func:`gif_torch`.  Returns ``(y, v_last)``."""
+    if _use_triton(x, backend):
+        from . import kernels
+        return kernels.gif(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)
+    return gif_torch(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)

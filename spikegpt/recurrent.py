@@ -13,7 +13,8 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
   two paths;
 * LIF runs as one step of ``ops.lif_torch``: ``h = v + (x - v) / tau`` (one ``addcdiv``, which rounds
   the same: its kernel is ``v + 1 * d / tau``, and a division feeding the add cannot be FMA-contracted),
-  ``s = h >= v_th``, ``v = h (1 - s)``;
+  ``s = h >= v_th``, ``v = h (1 - s)``; a GIF neuron as one step of ``ops.gif_torch``, with the same
+  ops (``floor(|h| / theta)`` clamped, the sign copied, ``v`` by ``masked_fill`` / ``addcmul`` / zero);
 * on a CPU, a batch of one sequence splits each matrix-vector product by output columns into one
   block per thread, run as one batched product (``bmm``) that ATen spreads over the cores, where a
   plain ``mm`` of one row runs on one core and streams weights at a fraction of the memory's rate;
@@ -133,23 +134,42 @@ def _shape_key(w):
     return tuple(w.shape), w.stride(), w.dtype, w.data_ptr() % 64
 
 
-def _lif_step(x, inp, v, tau, v_th, spiking: bool, counts: List[torch.Tensor], collect: bool,
-              slots: List[torch.Tensor]):
-    """One step of ops.lif_torch (new membrane appended to ``slots``); returns ``x + spikes``."""
-    if not spiking:
+def _neuron_step(x, inp, v, tau, theta, neuron: int, levels: int, bipolar: bool, reset: int,
+                 counts: List[torch.Tensor], collect: bool, slots: List[torch.Tensor]):
+    """One step of the configured neuron (new membrane appended to ``slots``); returns ``x + output``.
+
+    ``neuron``: -1 none (the twin), 0 LIF (one step of ops.lif_torch), 1 GIF (one step of
+    ops.gif_torch, ``reset`` 0 hard, 1 soft, 2 zero), each op the one the parallel path runs."""
+    if neuron < 0:
         slots.append(v)
         return x + inp
     h = torch.addcdiv(v, inp - v, tau)  # == v + (inp - v) / tau, bitwise (no FMA: a div feeds the add)
-    fired = torch.ge(h, v_th)
-    slots.append(h.masked_fill_(fired, 0.0))
+    if neuron == 0:
+        fired = torch.ge(h, theta)
+        slots.append(h.masked_fill_(fired, 0.0))
+        if collect:
+            counts.append(fired.sum())
+        return x + fired
+    a = h.abs() if bipolar else h
+    s = torch.div(a, theta).floor_()
+    s = s.clamp_(max=levels) if bipolar else s.clamp_(0, levels)
+    if bipolar:
+        s = torch.copysign(s, h)
+    if reset == 0:
+        slots.append(h.masked_fill(torch.ge(a, theta), 0.0))
+    elif reset == 1:
+        slots.append(torch.addcmul(h, s, -theta))
+    else:
+        slots.append(torch.zeros_like(h))
     if collect:
-        counts.append(fired.sum())
-    return x + fired
+        counts.append(torch.count_nonzero(s))
+    return x + theta * s
 
 
 def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats: List[List[torch.Tensor]],
-               ln_out_w, ln_out_b, n_layer: int, eps: float, tau, v_th, ones, tiny: float, binary: bool,
-               spiking: bool, cast: bool, collect: bool, logits, new) -> List[torch.Tensor]:
+               ln_out_w, ln_out_b, n_layer: int, eps: float, tau, thetas: List[torch.Tensor], ones, tiny: float,
+               binary: bool, neuron: int, levels: int, bipolar: bool, reset: int, cast: bool, collect: bool,
+               logits, new) -> List[torch.Tensor]:
     C = emb.shape[1]
     x = torch.embedding(emb, tokens)
     if binary:
@@ -180,13 +200,15 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats:
         y = (a + now * v) / (b + now)
         den = (ek + P[7] * b).clamp_min_(tiny)
         slot_v: List[torch.Tensor] = []
-        x = _lif_step(x, _mm(r * y, W[3], cast), S[s0 + 5], tau, v_th, spiking, counts, collect, slot_v)
+        x = _neuron_step(x, _mm(r * y, W[3], cast), S[s0 + 5], tau, thetas[2 * l], neuron, levels, bipolar, reset,
+                         counts, collect, slot_v)
         # ---- ChannelMix
         z2 = torch.layer_norm(x, [C], P[2], P[3], eps)
         m2 = (z2 * P[8] + S[s0 + 1] * P[9]).unbind(0)
         kk = torch.relu(_mm(m2[0], W[4], cast))
         out = torch.sigmoid(_mm(m2[1], W[5], cast)) * _mm(kk * kk, W[6], cast)
-        x = _lif_step(x, out, S[s0 + 6], tau, v_th, spiking, counts, collect, slot_v)
+        x = _neuron_step(x, out, S[s0 + 6], tau, thetas[2 * l + 1], neuron, levels, bipolar, reset, counts,
+                         collect, slot_v)
         slots += [z, z2, (ek * v + P[7] * a) / den, ones, K + torch.log(den), slot_v[0], slot_v[1]]
     torch.stack(slots, out=new.view(n_layer * 7, B, C))
     xo = torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps)
@@ -276,7 +298,13 @@ class RecurrentDecoder:
         self.emb = m.emb.weight.detach()
         self.ln0 = (m.blocks[0].ln0.weight.detach(), m.blocks[0].ln0.bias.detach())
         self.ln_out = (m.ln_out.weight.detach(), m.ln_out.bias.detach())
-        self.v_th = torch.tensor(cfg.v_threshold, dtype=self.emb.dtype, device=self.emb.device)
+        v_th = torch.tensor(cfg.v_threshold, dtype=self.emb.dtype, device=self.emb.device)
+        # One threshold per neuron branch (att, ffn per layer): a learnt one, or v_threshold.
+        self.thetas = [n.threshold.detach().to(self.emb.dtype) if hasattr(n, "threshold") else v_th
+                       for block in m.blocks for n in (block.lif1, block.lif2)]
+        self.neuron = -1 if not cfg.spiking else 0 if cfg.neuron == "lif" else 1
+        self.reset = {"hard": 0, "soft": 1, None: 2}[cfg.reset] if cfg.neuron != "quant" else 2
+        self.levels, self.bipolar = int(cfg.levels or 1), cfg.polarity == "bipolar"
         self.cast = wd is not None and wd != self.emb.dtype
         self.tau = torch.tensor(float(cfg.tau), dtype=self.emb.dtype, device=self.emb.device)
         self._ones_cache = None
@@ -368,8 +396,8 @@ class RecurrentDecoder:
                 tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params,
                 mats, self.ln_out[0],
                 self.ln_out[1], cfg.n_layer,
-                cfg.layer_norm_eps, self.tau, self.v_th, self._ones(state), self.tiny, bool(cfg.binary_embedding),
-                bool(cfg.spiking), self.cast, bool(self.collect_spikes), logits, new)
+                cfg.layer_norm_eps, self.tau, self.thetas, self._ones(state), self.tiny, bool(cfg.binary_embedding),
+                self.neuron, self.levels, self.bipolar, self.reset, self.cast, bool(self.collect_spikes), logits, new)
         if self.collect_spikes and cfg.spiking:
             c = torch.stack(counts).view(-1, 2).to("cpu", torch.float64)
             self.spike_counts = c if self.spike_counts is None else self.spike_counts + c

@@ -59,7 +59,7 @@ def reset_spike_stats(model) -> None:
     """Forget everything recorded so far (spike counts, embedding ones, raw traces)."""
     model = unwrap(model)
     for _, _, lif in neuron_branches(model):
-        lif.spike_counts, lif.spike_steps, lif.spike_trace = None, 0, []
+        lif.reset_records()
     model.emb.spike_ones, model.emb.spike_elems = None, 0
 
 

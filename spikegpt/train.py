@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import cli, ops
 from .checkpoint import (atomic_save, build_checkpoint, checkpoint_path, latest_checkpoint, prune_checkpoints,
                          read_checkpoint, versions)
-from .config import PRESETS, ModelConfig, TrainConfig, preset, split_overrides
+from .config import GIF_DEFAULTS, NEURONS, POLARITIES, PRESETS, ModelConfig, TrainConfig, preset, split_overrides
 from .data import default_corpus_dir, load_meta, open_split, sample_batch
 from .errors import UserError
 from .evaluate import evaluate_tokens
@@ -37,7 +37,8 @@ from .spikes import all_reduce_spike_stats, firing_rates, record_spikes
 from .tokenizer import tokenizer_from_dict
 
 ARCH_FIELDS = ("vocab_size", "n_layer", "n_embd", "ffn_mult", "tau", "v_threshold", "surrogate_alpha",
-               "binary_embedding", "spiking")
+               "binary_embedding", "spiking", "neuron", "levels", "polarity", "reset", "surrogate",
+               "learn_threshold")
 
 
 class TrainingError(UserError):
@@ -63,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tau", type=cli.positive_float, default=None, help=f"LIF time constant (default {m.tau})")
     a("--no-spike", dest="spiking", action="store_false", default=None,
       help="ablation: LIF neurons become the identity and the embedding is not binarised (plain RWKV)")
+    # The neuron (issue 13): multi-level GIF spiking neurons of SpikeLLM, and their controls.
+    a("--neuron", default=None, choices=NEURONS, help="lif: binary spikes; gif: multi-level integrate-"
+      "and-fire; quant: the GIF quantizer without a membrane carried between tokens (default lif)")
+    a("--levels", type=int, default=None, help=f"GIF spike levels L (default {GIF_DEFAULTS['levels']})")
+    a("--polarity", default=None, choices=POLARITIES, help=f"GIF spike counts 0..L or -L..L "
+      f"(default {GIF_DEFAULTS['polarity']})")
+    a("--reset", default=None, choices=("hard", "soft"), help="GIF reset: membrane to 0, or minus "
+      f"theta * count (default {GIF_DEFAULTS['reset']})")
+    a("--surrogate", default=None, choices=("atan", "ste"), help="GIF surrogate gradient "
+      f"(default {GIF_DEFAULTS['surrogate']})")
+    a("--learn-threshold", action="store_true", default=None, help="GIF: learn one threshold per branch")
     a("--batch-size", type=cli.positive_int, default=None, help=f"sequences per micro-batch (default {t.batch_size})")
     a("--grad-accum", type=cli.positive_int, default=None,
       help=f"micro-batches per optimizer step (default {t.grad_accum})")
@@ -173,6 +185,15 @@ def estimate_loss(model, tokens, cfg: TrainConfig, ctx_len: int, device, autocas
 # --------------------------------------------------------------------------------------------------
 # The run.
 # --------------------------------------------------------------------------------------------------
+def check_thresholds(model, step: int) -> None:
+    """A learnable GIF threshold must stay positive (one host sync per step, only with learnt ones)."""
+    named = [(n, p) for n, p in model.named_parameters() if n.endswith(".threshold")]
+    if named and float(torch.stack([p.detach() for _, p in named]).min()) <= 0:
+        bad = ", ".join(f"{n} = {p.item():.3g}" for n, p in named if p.item() <= 0)
+        raise TrainingError(f"a learnable threshold fell to <= 0 at step {step + 1} ({bad}); lower --lr, "
+                            "or train with a fixed threshold (drop --learn-threshold)")
+
+
 def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
     newest = latest_checkpoint(out_dir)
     if resume == "never":
@@ -216,12 +237,15 @@ def load_configs(args, meta, out_dir):
     ckpt = read_checkpoint(resume_path) if resume_path else None
     init = read_checkpoint(args.init_from) if args.init_from else None
     base = ckpt or init
-    if base is not None:
-        check_architecture(base["model_config"], explicit_model, base["path"])
-        model_cfg = ModelConfig.from_dict({**base["model_config"], **{k: v for k, v in explicit_model.items()
-                                                                    if k not in ARCH_FIELDS}})
-    else:
-        model_cfg = ModelConfig(**{"vocab_size": meta["vocab_size"], **model_over})
+    try:
+        if base is not None:
+            check_architecture(base["model_config"], explicit_model, base["path"])
+            model_cfg = ModelConfig.from_dict({**base["model_config"], **{k: v for k, v in explicit_model.items()
+                                                                        if k not in ARCH_FIELDS}})
+        else:
+            model_cfg = ModelConfig(**{"vocab_size": meta["vocab_size"], **model_over})
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
     if ckpt is not None:
         train_cfg = TrainConfig(**{**ckpt["train_config"], **explicit_train})
     else:
@@ -391,6 +415,7 @@ def _run(args, rank, world, device) -> dict:
                                     "or raise --warmup-iters and resume from it")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            check_thresholds(model, step)
             step += 1
             tokens_seen += global_batch * model_cfg.ctx_len
             window_tokens += global_batch * model_cfg.ctx_len

@@ -24,13 +24,22 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def spiking_model(n_layer, vocab, n_embd=48, seed=0, scale=12.0, dtype=torch.float32):
+# The neurons the recurrent step must reproduce (issue 13); learnt thresholds are moved off v_threshold.
+NEURONS = {"lif": {}, "gif-L2-bipolar-soft": dict(neuron="gif", levels=2, polarity="bipolar", reset="soft"),
+           "gif-L4-unipolar-hard": dict(neuron="gif", levels=4, polarity="unipolar", reset="hard"),
+           "gif-L3-ste-learn": dict(neuron="gif", levels=3, surrogate="ste", learn_threshold=True),
+           "quant-L2-bipolar": dict(neuron="quant", levels=2, polarity="bipolar")}
+
+
+def spiking_model(n_layer, vocab, n_embd=48, seed=0, scale=12.0, dtype=torch.float32, **neuron):
     torch.manual_seed(seed)
-    model = SpikeGPT(ModelConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd)).eval()
+    model = SpikeGPT(ModelConfig(vocab_size=vocab, n_layer=n_layer, n_embd=n_embd, **neuron)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("att.output.weight", "ffn.value.weight")):
                 p.mul_(scale)
+            if name.endswith(".threshold"):
+                p.fill_(0.7)
     return model.to(dtype)
 
 
@@ -67,6 +76,22 @@ def test_steps_equal_parallel(n_layer, vocab):
     assert torch.equal(rec_state[:, WKV_Q], torch.ones_like(rec_state[:, WKV_Q]))
 
 
+@pytest.mark.parametrize("neuron", list(NEURONS)[1:])
+def test_gif_steps_equal_parallel(neuron):
+    model = spiking_model(2, 97, seed=21, **NEURONS[neuron])
+    idx = torch.randint(0, 97, (3, 25), generator=torch.Generator().manual_seed(21))
+    with torch.no_grad():
+        parallel, par_state = model(idx, return_state=True)
+        half, state = model(idx[:, :9], return_state=True)  # prefill, then steps
+    recurrent, rec_state = run_steps(model, idx)
+    rest, _ = run_steps(model, idx[:, 9:], state)
+    assert (recurrent - parallel).abs().max().item() <= TOL
+    assert (torch.cat([half, rest], 1) - parallel).abs().max().item() <= TOL
+    assert firing_rate(model, idx) > 0.02
+    for slot in (0, 1, LIF_ATT, LIF_FFN):
+        torch.testing.assert_close(rec_state[:, slot], par_state[:, slot], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunks", [[1] * 5 + [20], [3, 7, 11, 4], [25], [2, 23]])
 def test_chunked_prefill_then_steps(chunks):
     model = spiking_model(2, 97, seed=5)
@@ -85,11 +110,12 @@ def test_chunked_prefill_then_steps(chunks):
     assert (got - full).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("neuron", list(NEURONS))
 @pytest.mark.parametrize("batch", [1, 4])
-def test_step_is_bitwise_forward_of_one_token(batch):
+def test_step_is_bitwise_forward_of_one_token(batch, neuron):
     """States are interchangeable: a fast step is exactly the parallel path run on one token (at batch
     1 by default; at larger batches with ``exact_batches``, see test_batched_products_are_onednn)."""
-    model = spiking_model(3, 97, seed=2)
+    model = spiking_model(3, 97, seed=2, **NEURONS[neuron])
     idx = torch.randint(0, 97, (batch, 12), generator=torch.Generator().manual_seed(2))
     s_fast = s_par = model.initial_state(batch)
     fast = RecurrentDecoder(model, exact_batches=True)
