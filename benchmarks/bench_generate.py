@@ -132,25 +132,27 @@ def parity(model, device, tokens, batch=2, scale=12.0):
     return rows
 
 
+def seconds(fn, device):
+    """Wall time of one call of ``fn`` (on a GPU, until its kernels have finished)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def interleaved(fns, device, iters):
     """Best-of-``iters`` seconds per call of each function, timed alternately so that all see the
     same machine load (on a shared machine the minimum is the least disturbed run)."""
-    def once(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
     for _ in range(2):
         for fn in fns:
             fn()
     best = [float("inf")] * len(fns)
     for _ in range(iters):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], once(fn))
+            best[i] = min(best[i], seconds(fn, device))
     return best
 
 
@@ -238,14 +240,13 @@ def main(argv=None):
                 T = args.prefill_len
                 idx = torch.randint(0, model.config.vocab_size, (1, T), device=device)
                 model(idx[:, :16], return_state=True)  # warm-up
-                t0 = time.perf_counter()
-                model(idx, return_state=True)
-                t_par = time.perf_counter() - t0
-                state = model.initial_state(1)
-                t0 = time.perf_counter()
-                for t in range(T):
-                    _, state = model.step(idx[:, t], state)
-                t_seq = time.perf_counter() - t0
+                t_par = seconds(lambda: model(idx, return_state=True), device)
+
+                def token_by_token():
+                    state = model.initial_state(1)
+                    for t in range(T):
+                        _, state = model.step(idx[:, t], state)
+                t_seq = seconds(token_by_token, device)
                 pre = {"config": name, "prompt_tokens": T, "parallel_s": t_par, "token_by_token_s": t_seq,
                        "speedup": t_seq / t_par}
                 result["prefill"].append(pre)

@@ -11,7 +11,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script,extra", [("bench_cpu_train.py", []), ("bench_train.py", []),
+@pytest.mark.parametrize("script,extra", [("bench_cpu_train.py", []), ("bench_train.py", []), ("profile_cpu_train.py", []),
                                           ("bench_generate.py", ["--no-write"])])
 def test_benchmark_smoke(script, extra):
     out = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *extra], capture_output=True,
