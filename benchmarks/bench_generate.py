@@ -15,9 +15,9 @@ bf16 weights, timed interleaved with three passes over the same weight matrices 
   issue-17 ratio, whose target is 0.9).
 
 Also the prefill of a long prompt via the parallel path vs. feeding it token by token, and a profile of
-the fp32 batch-1 step (where the time goes), and the parity check: a copy of each model whose
-LIF-driving matrices are scaled up so that its neurons fire (a default-initialised model never
-reaches the threshold) runs ``--parity-tokens`` tokens of 2 sequences through the parallel path (its
+the fp32 batch-1 step (where the time goes), and last the parity check: each model, its LIF-driving
+matrices scaled up so that its neurons fire (a default-initialised model never reaches the
+threshold), runs ``--parity-tokens`` tokens of 2 sequences through the parallel path (its
 default kernels, and on a GPU also the reference ones) and through the recurrent decoder; the largest
 logit difference must stay within ``PARITY_TOL``.  Results go to
 ``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``, or to ``--out PATH`` (JSON, and the

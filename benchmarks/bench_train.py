@@ -115,6 +115,24 @@ def bench_one(cfg, batch, device, dtype, backend, compile_model, iters):
             "wkv_fwd_bwd_ms": t_wkv * 1e3, "lif_fwd_bwd_ms": t_lif * 1e3}
 
 
+def report(rows, batch_size, device):
+    """The result dict and its markdown table."""
+    result = {**header(device), "batch_size": batch_size, "rows": rows}
+    lines = [f"Training step — {result['device']}, torch {result['torch']}, commit {result['commit']}, "
+             f"{result['date']}, batch {batch_size}", "",
+             "| config | dtype | kernels | compile | tokens/s | TFLOP/s | MFU | peak mem GiB | WKV+LIF share |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | {r['dtype']} | {r['kernels']} | {r['compile']} | failed: {r['error']} "
+                         "| | | | |")
+            continue
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['config']} | {r['dtype']} | {r['kernels']} | {r['compile']} | {r['tokens_per_s']:.0f} | "
+                     f"{r['tflops']:.2f} | {mfu} | {r['peak_memory_gib']:.2f} | {100 * r['wkv_lif_share']:.1f}% |")
+    return result, "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="45m,216m")
@@ -154,27 +172,16 @@ def main(argv=None):
                         print(f"{name} {dtype} {backend} compile={comp}: failed: {rows[-1]['error']}", flush=True)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                        continue
-                    peak = peak_tflops(device, dtype, args.peak_tflops)
-                    rows.append({**row, **r, "peak_tflops": peak, "mfu": r["tflops"] / peak if peak else None})
-                    print(f"{name} {dtype} {backend} compile={comp}: {r['tokens_per_s']:.0f} tok/s, "
-                          f"{r['tflops']:.2f} TFLOP/s, WKV+LIF {100 * r['wkv_lif_share']:.1f}% of the step",
-                          flush=True)
+                    else:
+                        peak = peak_tflops(device, dtype, args.peak_tflops)
+                        rows.append({**row, **r, "peak_tflops": peak, "mfu": r["tflops"] / peak if peak else None})
+                        print(f"{name} {dtype} {backend} compile={comp}: {r['tokens_per_s']:.0f} tok/s, "
+                              f"{r['tflops']:.2f} TFLOP/s, WKV+LIF {100 * r['wkv_lif_share']:.1f}% of the step",
+                              flush=True)
+                    if args.out:  # after every configuration, so that a run stopped later keeps it
+                        write_json_md(args.out, *report(rows, args.batch_size, device))
 
-    result = {**header(device), "batch_size": args.batch_size, "rows": rows}
-    lines = [f"Training step — {result['device']}, torch {result['torch']}, commit {result['commit']}, "
-             f"{result['date']}, batch {args.batch_size}", "",
-             "| config | dtype | kernels | compile | tokens/s | TFLOP/s | MFU | peak mem GiB | WKV+LIF share |",
-             "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['config']} | {r['dtype']} | {r['kernels']} | {r['compile']} | failed: {r['error']} "
-                         "| | | | |")
-            continue
-        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        lines.append(f"| {r['config']} | {r['dtype']} | {r['kernels']} | {r['compile']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['tflops']:.2f} | {mfu} | {r['peak_memory_gib']:.2f} | {100 * r['wkv_lif_share']:.1f}% |")
-    markdown = "\n".join(lines)
+    result, markdown = report(rows, args.batch_size, device)
     print(markdown)
     if args.out:
         print(f"written to {write_json_md(args.out, result, markdown)}")

@@ -108,7 +108,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.wait()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # stuck in the kernel (a GPU driver call): leave it, go on
+        pass
 
 
 def run_logged(name: str, argv: list[str], env: dict, timeout: float, log_path: Path):
@@ -285,8 +288,9 @@ def markdown(summary: dict) -> str:
     lines += ["", "## Targets", "", "| check | target | measured | verdict |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['target']} | {t['measured']} | {mark[t['pass']]} |" for t in summary["targets"]]
     for name, r in summary["parts"].items():
-        if r["markdown"]:
-            lines += ["", f"## {name}", "", (summary["out"] / r["markdown"]).read_text().strip()]
+        if r["markdown"]:  # the part's own table, its headings one level down
+            text = (summary["out"] / r["markdown"]).read_text().strip()
+            lines += ["", f"## {name}", ""] + [("##" + t if t.startswith("#") else t) for t in text.splitlines()]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_cpu_train.py                  # tiny: L4 C128 ctx 64 batch 12 vocab 65, 10 steps
     python benchmarks/profile_cpu_train.py --shape 45m      # L12 C512 ctx 1024 vocab 256, batch 1, 3 steps
+    python benchmarks/profile_cpu_train.py --threads 1      # on a busy machine (see below)
     python benchmarks/profile_cpu_train.py --smoke          # tiny sizes, seconds, no file (CI)
 
 A step is what ``bench_cpu_train.py`` times (forward + backward + gradient clipping + AdamW) on the
@@ -18,8 +19,11 @@ time then goes to one category:
   the optimizer, and the Python between ops.
 
 The profiler adds about a microsecond per op, which weighs most on the categories made of many small
-ops; the step's time without the profiler (median of ``--steps``) is reported beside the shares.
-Results go to ``benchmarks/results/profile_cpu_train-SHAPE-DATE-COMMIT.{json,md}``, or ``--out PATH``.
+ops; the step's time without the profiler (median of ``--steps``) is reported beside the shares, with
+the machine's load average before and after.  On a CPU shared with other processes, OpenMP's
+spin-waiting makes multi-threaded steps erratic (10-100x slower at times): ``--threads 1`` gives
+stable numbers there.  Results go to
+``benchmarks/results/profile_cpu_train-SHAPE-THREADSt-DATE-COMMIT.{json,md}``, or ``--out PATH``.
 """
 from __future__ import annotations
 
@@ -118,9 +122,12 @@ def main(argv=None):
     p.add_argument("--shape", choices=("tiny", "45m"), default="tiny")
     p.add_argument("--batch-size", type=int, help="default: 12 at tiny, 1 at 45m")
     p.add_argument("--steps", type=int, help="timed and profiled steps (default: 10 at tiny, 3 at 45m)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds, writes no file")
     p.add_argument("--out", help="JSON path (the table is written beside it as .md) instead of benchmarks/results/")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     name = "smoke" if args.smoke else args.shape
     shape = dict(SHAPES[name])
     batch, steps = shape.pop("batch_size"), shape.pop("steps")
@@ -167,7 +174,7 @@ def main(argv=None):
     if args.out:
         print(f"written to {write_json_md(args.out, result, markdown)}")
     elif not args.smoke:
-        print(f"written to {write_result(f'profile_cpu_train-{name}', result, markdown)}")
+        print(f"written to {write_result(f'profile_cpu_train-{name}-{torch.get_num_threads()}t', result, markdown)}")
     return result
 
 
