@@ -255,7 +255,8 @@ def main(argv=None):
             for row in parity(model, device, args.parity_tokens):
                 result["parity"].append({"config": name, **row})
                 print(f"parity {name} (parallel kernels {row['parallel_kernels']}): max |logit diff| "
-                      f"{row['max_abs_err']:.2e} (tol {PARITY_TOL:g}), firing rate {row['firing_rate']:.2f}", flush=True)
+                      f"{row['max_abs_err']:.2e} (tol {PARITY_TOL:g}), firing rate {row['firing_rate']:.2f}",
+                      flush=True)
         del model
     scaling = {}
     for run in result["runs"]:

@@ -248,7 +248,8 @@ def targets(records: dict, dry: bool, total_s: float | None) -> list[dict]:
     if gen is not None:
         par = (gen["result"] or {}).get("parity", [])
         for r in par:
-            rows.append(_target(f"recurrent vs parallel logits, {r['config']} (parallel kernels {r['parallel_kernels']})",
+            rows.append(_target(f"recurrent vs parallel logits, {r['config']} "
+                                f"(parallel kernels {r['parallel_kernels']})",
                                 f"max abs diff <= {r['tol']:g}",
                                 f"{r['max_abs_err']:.2e} (firing rate {r['firing_rate']:.2f})", r["ok"]))
         if not par:
@@ -316,7 +317,8 @@ def main(argv=None) -> int:
     known = [q["name"] for q in parts(args.dry_run, out)]
     chosen = args.parts.split(",")
     if not set(chosen) <= set(known):
-        raise SystemExit(f"gpu_check.py: error: unknown part(s) {sorted(set(chosen) - set(known))}; choose from {known}")
+        raise SystemExit(f"gpu_check.py: error: unknown part(s) {sorted(set(chosen) - set(known))}; "
+                         f"choose from {known}")
     if out.exists() and not out.is_dir():
         raise SystemExit(f"gpu_check.py: error: --out {out} is a file: name a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:

@@ -113,7 +113,8 @@ def categorise(events, steps: int) -> dict:
     top = sorted(other.items(), key=lambda kv: kv[1][0], reverse=True)[:10]
     return {"profiled_ms_per_step": total / 1e3 / steps,
             "categories": {c: {"ms_per_step": us[c] / 1e3 / steps, "share": us[c] / total} for c in CATEGORIES},
-            "top_other_ops": [{"op": name, "ms_per_step": t / 1e3 / steps, "share": t / total, "calls_per_step": n // steps}
+            "top_other_ops": [{"op": name, "ms_per_step": t / 1e3 / steps, "share": t / total,
+                               "calls_per_step": n // steps}
                               for name, (t, n) in top]}
 
 

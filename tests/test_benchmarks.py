@@ -11,8 +11,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script,extra", [("bench_cpu_train.py", []), ("bench_train.py", []), ("profile_cpu_train.py", []),
-                                          ("bench_generate.py", ["--no-write"])])
+@pytest.mark.parametrize("script,extra", [("bench_cpu_train.py", []), ("bench_train.py", []),
+                                          ("profile_cpu_train.py", []), ("bench_generate.py", ["--no-write"])])
 def test_benchmark_smoke(script, extra):
     out = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *extra], capture_output=True,
                          text=True, timeout=600)
