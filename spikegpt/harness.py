@@ -10,7 +10,8 @@ takes lm-eval's own command line (same arguments, same output files) with the mo
 ``reference_config`` (a reference state dict and its config JSON, with ``binary_embedding`` and
 ``v_threshold`` when they differ from our defaults); ``tokenizer`` ('byte', a tokenizer.json or a
 ``Tokenizer.to_dict()`` JSON; default the checkpoint's); ``device`` (default auto), ``batch_size``,
-``dtype`` (fp32, the default, or bf16/fp16 autocast), ``kernels`` (auto, triton, torch),
+``dtype`` (fp32, the default and what ``spikegpt.evaluate`` computes in; bf16 or fp16 autocast; auto =
+bf16 on GPUs that support it), ``kernels`` (auto, triton, torch),
 ``window`` (tokens per forward pass, default the model's ctx_len) and ``max_length``.
 
 Context.  The model is an RNN, so by default (``max_length`` unset) nothing is ever truncated:
@@ -80,14 +81,17 @@ class SpikeGPTLM(TemplateLM):
             raise UsageError(f"batch_size={batch_size!r}: pass a positive integer (no 'auto')") from None
         if batch_size < 1:
             raise UsageError(f"batch_size={batch_size}: pass a positive integer")
-        if dtype not in DTYPES:
-            raise UsageError(f"dtype={dtype!r}: choose one of {', '.join(DTYPES)}")
+        if dtype not in ("auto", *DTYPES):
+            raise UsageError(f"dtype={dtype!r}: choose one of auto, {', '.join(DTYPES)}")
         try:
             ops.set_backend(kernels)
         except ValueError as e:
             raise UsageError(str(e)) from None
         self._device = self._resolve_device(device)
         if model is None:
+            if pretrained is None and reference is None:
+                raise UsageError("name the model in --model_args: pretrained=CHECKPOINT_OR_RUN_DIR, or "
+                                 "reference=PTH,reference_config=JSON")
             model, tok = load_model(SimpleNamespace(
                 ckpt=pretrained, reference=reference, reference_config=reference_config, tokenizer=tokenizer,
                 binary_embedding=binary_embedding, v_threshold=v_threshold))
@@ -96,7 +100,9 @@ class SpikeGPTLM(TemplateLM):
         self.model = model.to(self._device).eval()
         self.tokenizer = tok
         self.batch_size = batch_size
-        if DTYPES[dtype] is not None and not (self._device.type == "cuda" or DTYPES[dtype] == torch.bfloat16):
+        if dtype == "auto":  # as training's: bf16 on GPUs that support it
+            dtype = "bf16" if self._device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if dtype == "fp16" and self._device.type != "cuda":
             raise UsageError(f"dtype={dtype} needs a CUDA device; use fp32 or bf16 on a CPU")
         self.dtype = dtype
         self.window = int(window) if window is not None else int(max_length or self.model.config.ctx_len)
@@ -237,23 +243,20 @@ class SpikeGPTLM(TemplateLM):
     def _score_continuations(self, chunk, pairs, last, ctx_state, out):
         """Score ``(context row j, request i)`` pairs: the first token from the context's last
         log-probabilities, the rest by running the continuation from the context's state."""
-        first = [pairs[i][1][:1] for _, i in chunk]
-        sums = [0.0] * len(chunk)
-        greedy = [True] * len(chunk)
-        for n, (j, _) in enumerate(chunk):
-            if first[n]:
-                sums[n] = last[j, first[n][0]].item()
-                greedy[n] = last[j].argmax().item() == first[n][0]
-        longer = [n for n, (_, i) in enumerate(chunk) if len(pairs[i][1]) > 1]
+        rows = torch.tensor([j for j, _ in chunk], device=self._device)
+        conts = [pairs[i][1] for _, i in chunk]
+        nonempty = torch.tensor([bool(c) for c in conts], device=self._device)
+        first = torch.tensor([c[0] if c else 0 for c in conts], device=self._device)
+        sums = torch.where(nonempty, last[rows, first].double(), 0.0)
+        greedy = ~nonempty | (last[rows].argmax(-1) == first)
+        longer = [n for n, c in enumerate(conts) if len(c) > 1]
         if longer:
-            state = ctx_state[:, :, [chunk[n][0] for n in longer]].clone()
-            conts = [pairs[chunk[n][1]][1] for n in longer]
-            _, s, g = self._advance([c[:-1] for c in conts], state, [c[1:] for c in conts])
-            for m, n in enumerate(longer):
-                sums[n] += s[m].item()
-                greedy[n] = greedy[n] and bool(g[m])
-        for n, (_, i) in enumerate(chunk):
-            out[i] = (sums[n], greedy[n])
+            state = ctx_state[:, :, rows[longer]]
+            _, s, g = self._advance([conts[n][:-1] for n in longer], state, [conts[n][1:] for n in longer])
+            sums[longer] += s
+            greedy[longer] &= g
+        for (_, i), ll, g in zip(chunk, sums.tolist(), greedy.tolist()):
+            out[i] = (ll, g)
 
     # ---------------------------------------------------------------------------------------------
     # lm-eval's three request types
@@ -321,8 +324,9 @@ class SpikeGPTLM(TemplateLM):
             if self.tokenizer.eot_id is not None:
                 until.append(self.tok_decode([self.tokenizer.eot_id]))
             max_gen = int(kwargs.pop("max_gen_toks", 256))
-            sample = bool(kwargs.pop("do_sample", False))
-            temperature = float(kwargs.pop("temperature", 1.0)) if sample else 0.0
+            temperature = float(kwargs.pop("temperature", 1.0))
+            if not kwargs.pop("do_sample", False):
+                temperature = 0.0  # greedy, as lm-eval means without do_sample
             top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
             if kwargs:
                 log.warning("generate_until: ignoring generation arguments %s", sorted(kwargs))
