@@ -50,6 +50,7 @@ from collections import defaultdict
 from types import SimpleNamespace
 
 import torch
+from tqdm import tqdm
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models before ours)
 from lm_eval import utils as lm_utils
@@ -209,6 +210,13 @@ class SpikeGPTLM(TemplateLM):
             active = [b for b in active if lengths[b] > pos]
         return last, sums, greedy
 
+    def _batches(self, items, desc):
+        """``items`` in slices of ``batch_size``, with a progress bar."""
+        with tqdm(total=len(items), desc=desc, unit="seq") as bar:
+            for k in range(0, len(items), self.batch_size):
+                yield items[k:k + self.batch_size]
+                bar.update(len(items[k:k + self.batch_size]))
+
     def _fit(self, context, continuation):
         """With ``max_length``: the last ``max_length + 1`` tokens of context + continuation (as
         lm-eval's HF model keeps them), split back into context and continuation."""
@@ -229,8 +237,7 @@ class SpikeGPTLM(TemplateLM):
             by_context[tuple(c)].append(i)
         contexts = sorted(by_context, key=len, reverse=True)
         out = [None] * len(pairs)
-        for k in range(0, len(contexts), self.batch_size):
-            batch = contexts[k:k + self.batch_size]
+        for batch in self._batches(contexts, "spikegpt contexts"):
             state = self.model.initial_state(len(batch), self._device)
             last, _, _ = self._advance([list(c) for c in batch], state)
             members = sorted(((j, i) for j, c in enumerate(batch) for i in by_context[c]),
@@ -291,8 +298,7 @@ class SpikeGPTLM(TemplateLM):
         """Each document from the start token, state carried across windows, ``batch_size`` at once."""
         totals = [0.0] * len(docs)
         order = sorted((i for i, d in enumerate(docs) if d), key=lambda i: -len(docs[i]))
-        for k in range(0, len(order), self.batch_size):
-            batch = order[k:k + self.batch_size]
+        for batch in self._batches(order, "spikegpt documents"):
             state = self.model.initial_state(len(batch), self._device)
             _, sums, _ = self._advance([[self.start] + docs[i][:-1] for i in batch], state,
                                        [docs[i] for i in batch])
@@ -331,8 +337,7 @@ class SpikeGPTLM(TemplateLM):
             if kwargs:
                 log.warning("generate_until: ignoring generation arguments %s", sorted(kwargs))
             members = sorted(members, key=lambda i: -len(requests[i].args[0]))
-            for k in range(0, len(members), self.batch_size):
-                batch = members[k:k + self.batch_size]
+            for batch in self._batches(members, "spikegpt generation"):
                 texts = self._generate([requests[i].args[0] for i in batch], until, max_gen, temperature,
                                        top_k, top_p)
                 for i, text in zip(batch, texts):
