@@ -9,7 +9,7 @@ from pathlib import Path
 
 @dataclass
 class ModelConfig:
-    """The architecture (DESIGN §1).  Defaults are the reference implementation's."""
+    """The architecture (docs/model.md §1).  Defaults are the reference implementation's."""
 
     vocab_size: int = 256
     n_layer: int = 4
@@ -23,7 +23,6 @@ class ModelConfig:
     surrogate_alpha: float = 2.0  # width of the arctan surrogate gradient
     binary_embedding: bool = True  # x = H(E[idx]); False feeds E[idx] itself
     spiking: bool = True  # False replaces every LIF by the identity (the plain RWKV twin)
-    init: str = "reference"  # "reference": PyTorch default init except the time parameters
 
     def __post_init__(self):
         for name in ("vocab_size", "n_layer", "n_embd", "ctx_len", "ffn_mult"):
@@ -31,14 +30,14 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.tau <= 0:
             raise ValueError(f"ModelConfig.tau must be > 0, got {self.tau}")
-        if self.init not in ("reference",):
-            raise ValueError(f"ModelConfig.init must be 'reference', got {self.init!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        # Older checkpoints record init="reference", then the only initialisation there was.
+        d = {k: v for k, v in d.items() if not (k == "init" and v == "reference")}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -66,7 +65,7 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        """``2VC + L(13C^2 + 11C) + 4C`` for ffn_mult 4 (DESIGN §1); general in ffn_mult."""
+        """``2VC + L(13C^2 + 11C) + 4C`` for ffn_mult 4 (docs/model.md §1); general in ffn_mult."""
         C, V, L, F = self.n_embd, self.vocab_size, self.n_layer, self.ffn_mult * self.n_embd
         per_layer = 5 * C * C + 2 * C * F + 11 * C  # 4 C^2 TimeMix + C^2 + 2CF ChannelMix; 11C vectors
         return 2 * V * C + L * per_layer + 4 * C  # +4C: LN0 and LN_out
@@ -74,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, evaluation and bookkeeping (DESIGN §5 defaults)."""
+    """Optimisation, schedule, evaluation and bookkeeping (the reference implementation's defaults)."""
 
     batch_size: int = 12
     grad_accum: int = 1
