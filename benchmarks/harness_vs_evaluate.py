@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import git_commit  # noqa: E402
-from spikegpt.data import atomic_write, extract_stdlib_docstrings, prepare_splits  # noqa: E402
+from spikegpt.data import extract_stdlib_docstrings, prepare_splits  # noqa: E402
+from spikegpt.fileio import atomic_write_json  # noqa: E402
 
 TASK = "heldout_rolling"
 TASK_YAML = """task: {task}
@@ -151,14 +152,13 @@ def main(argv=None) -> int:
         "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
         "model": {"ckpt": "trained here" if args.ckpt is None else str(args.ckpt), "iters": args.iters if args.ckpt is None else None,
                   "parameters": model.num_params(), "ctx_len": ctx_len, "vocab": "byte 256"},
-        "text": {"source": "the last bytes of the built-in corpus (stdlib docstrings), held out of training",
+        "text": {"source": "the end of the built-in corpus (stdlib docstrings), held out of training",
                  "bytes": n_bytes, "words (lm-eval: re.split(r'\\s+'))": words},
         "rows": rows,
         "agreement": {"carried: |lm-eval - evaluate| / evaluate (nll_sum)": abs(rows[0]["nll_sum"] - rows[1]["nll_sum"]) / rows[1]["nll_sum"],
                       "fixed: lm-eval - evaluate (nll_sum, nats)": rows[2]["nll_sum"] - rows[3]["nll_sum"]},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2) + "\n"), mode="w")
+    atomic_write_json(args.out, result)
     print(f"{'path':<18} {'protocol':<26} {'nll_sum':>12} {'bits/byte':>10} {'byte ppl':>9} {'word ppl':>10}")
     for r in rows:
         print(f"{r['path']:<18} {r['protocol']:<26} {r['nll_sum']:>12.3f} {r['bits_per_byte']:>10.5f} "

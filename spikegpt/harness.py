@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 from collections import defaultdict
 from types import SimpleNamespace
@@ -58,14 +57,25 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from . import ops
-from .config import resolve_device
-from .generate import UsageError, generate, load_model, start_token, truncate_at_stop
+from .cli import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, debugging, device_from, load_model
+from .generate import generate, start_token, truncate_at_stop
 
 __all__ = ["SpikeGPTLM", "main"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive(key, value, hint=""):
+    """A positive integer ``--model_args`` value (lm-eval passes numbers, or strings from --batch_size)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise UserError(f"{key}={value!r}: pass a positive integer {hint}".rstrip())
+    return number
 
 
 class SpikeGPTLM(TemplateLM):
@@ -76,41 +86,31 @@ class SpikeGPTLM(TemplateLM):
                  kernels="auto", window=None, max_length=None, max_batch_size=None, model=None):
         super().__init__()
         del max_batch_size  # lm-eval passes it for batch_size=auto, which this model does not take
-        try:
-            batch_size = int(batch_size)
-        except ValueError:
-            raise UsageError(f"batch_size={batch_size!r}: pass a positive integer (no 'auto')") from None
-        if batch_size < 1:
-            raise UsageError(f"batch_size={batch_size}: pass a positive integer")
-        if dtype not in ("auto", *DTYPES):
-            raise UsageError(f"dtype={dtype!r}: choose one of auto, {', '.join(DTYPES)}")
-        try:
-            ops.set_backend(kernels)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        self.batch_size = _positive("batch_size", batch_size, "(no 'auto')")
+        self._max_length = None if max_length is None else _positive("max_length", max_length)
+        window = None if window is None else _positive("window", window)
+        if kernels not in ops.BACKENDS:
+            raise UserError(f"kernels={kernels!r}: choose one of {', '.join(ops.BACKENDS)}")
+        ops.set_backend(kernels)
         self._device = self._resolve_device(device)
-        if model is None:
-            if pretrained is None and reference is None:
-                raise UsageError("name the model in --model_args: pretrained=CHECKPOINT_OR_RUN_DIR, or "
-                                 "reference=PTH,reference_config=JSON")
-            model, tok = load_model(SimpleNamespace(
-                ckpt=pretrained, reference=reference, reference_config=reference_config, tokenizer=tokenizer,
-                binary_embedding=binary_embedding, v_threshold=v_threshold))
-        else:  # an in-memory model (tests, notebooks): its own tokenizer
-            tok = model.tokenizer
-        self.model = model.to(self._device).eval()
-        self.tokenizer = tok
-        self.batch_size = batch_size
         if dtype == "auto":  # as training's: bf16 on GPUs that support it
             dtype = "bf16" if self._device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        if dtype not in DTYPES:
+            raise UserError(f"dtype={dtype!r}: choose one of auto, {', '.join(DTYPES)}")
         if dtype == "fp16" and self._device.type != "cuda":
-            raise UsageError(f"dtype={dtype} needs a CUDA device; use fp32 or bf16 on a CPU")
+            raise UserError("dtype=fp16 needs a CUDA device; use fp32 or bf16 on a CPU")
         self.dtype = dtype
-        self.window = int(window) if window is not None else int(max_length or self.model.config.ctx_len)
-        self._max_length = int(max_length) if max_length is not None else None
-        if self.window < 1 or (self._max_length is not None and self._max_length < 1):
-            raise UsageError("window and max_length must be positive integers")
-        self.start = start_token(tok, self.model.config.vocab_size)
+        if model is None:
+            if pretrained is None and reference is None:
+                raise UserError("name the model in --model_args: pretrained=CHECKPOINT_OR_RUN_DIR, or "
+                                "reference=PTH,reference_config=JSON")
+            model = load_model(SimpleNamespace(
+                ckpt=pretrained, reference=reference, reference_config=reference_config, tokenizer=tokenizer,
+                binary_embedding=binary_embedding, v_threshold=v_threshold), self._device)
+        self.model = model.to(self._device).eval()
+        self.tokenizer = model.tokenizer
+        self.window = window or self._max_length or self.model.config.ctx_len
+        self.start = start_token(self.tokenizer, self.model.config.vocab_size)
 
     # ---------------------------------------------------------------------------------------------
     # Construction from lm-eval's arguments
@@ -123,10 +123,7 @@ class SpikeGPTLM(TemplateLM):
         if device.startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %s is not available: using the CPU", device)
             device = "cpu"
-        try:
-            return resolve_device(device)
-        except (RuntimeError, ValueError) as e:
-            raise UsageError(f"device={device!r}: {e}") from None
+        return device_from(device)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict, additional_config=None):
@@ -366,17 +363,20 @@ def main(argv=None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    saved, sys.argv = sys.argv, ["lm_eval", *argv]
+    debug = "--debug" in argv or debugging()  # our --debug, not lm-eval's: show tracebacks
+    saved, sys.argv = sys.argv, ["lm_eval", *(a for a in argv if a != "--debug")]
     try:
         cli_evaluate()
-    except UsageError as e:
-        if os.environ.get("SPIKEGPT_DEBUG"):
+    except UserError as e:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        if debug:
+            raise
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         sys.argv = saved
     return 0
