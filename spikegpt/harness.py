@@ -6,6 +6,10 @@ takes lm-eval's own command line (same arguments, same output files) with the mo
     python -m spikegpt.harness --model spikegpt --model_args pretrained=runs/tiny \\
         --tasks wikitext --output_path results/
 
+lm-eval (0.4.13) discovers no out-of-tree models (no entry-point group), so its bare ``lm_eval``
+command does not know ``spikegpt``; from Python, import this module before
+``lm_eval.simple_evaluate(model="spikegpt", ...)``.
+
 ``--model_args`` keys: ``pretrained`` (our checkpoint file or run directory), or ``reference`` +
 ``reference_config`` (a reference state dict and its config JSON, with ``binary_embedding`` and
 ``v_threshold`` when they differ from our defaults); ``tokenizer`` ('byte', a tokenizer.json or a
