@@ -92,7 +92,7 @@ def lm_eval_run(ckpt: Path, task_dir: Path, **model_args) -> dict:
     seconds = time.perf_counter() - t0
     r = out["results"][TASK]
     ll = sum(s["resps"][0][0] for s in out["samples"][TASK])
-    return {"path": "lm-eval", "model_args": args, "nll_sum": -ll, "word_perplexity": r["word_perplexity,none"],
+    return {"path": "lm-eval", "model_args": args.replace(str(ckpt), "CKPT"), "nll_sum": -ll, "word_perplexity": r["word_perplexity,none"],
             "byte_perplexity": r["byte_perplexity,none"], "bits_per_byte": r["bits_per_byte,none"], "seconds": seconds}
 
 
