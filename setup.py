@@ -25,13 +25,15 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "zstandard>=0.21"],
+        "test": ["pytest>=7", "zstandard>=0.21", "lm-eval>=0.4.13"],
         "wandb": ["wandb>=0.16"],
         "plot": ["matplotlib>=3.5"],
         "zstd": ["zstandard>=0.21"],
+        "eval": ["lm-eval>=0.4.13"],
     },
     entry_points={"console_scripts": [
         "spikegpt-train=spikegpt.train:main",
         "spikegpt-generate=spikegpt.generate:main",
+        "spikegpt-harness=spikegpt.harness:main",
     ]},
 )

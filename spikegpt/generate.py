@@ -178,7 +178,7 @@ class GenerationInterrupted(KeyboardInterrupt):
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, stop=None,
-             num_samples: int = 1, tokenizer=None, on_text=None, decoder=None) -> list[list[int]]:
+             num_samples: int = 1, tokenizer=None, on_text=None, decoder=None, start=None) -> list[list[int]]:
     """Sample ``num_samples`` continuations of ``prompt_ids`` (a list of ids; empty = the start token).
 
     Returns one list of new token ids per sample.  ``stop``: strings; a sample ends at the token that
@@ -186,6 +186,8 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     :func:`truncate_at_stop` on the decoded text to drop it).  ``on_text(sample, text)`` is called with
     each complete piece of text as it is produced (streaming).  ``decoder``: a
     ``spikegpt.recurrent.RecurrentDecoder`` to step with (e.g. bf16 weights); default ``model.step``.
+    ``start``: ``(logits (B, V), state)`` of B prompts the caller has already run (the logits after
+    each one's last token, e.g. log-probabilities); it replaces ``prompt_ids`` and ``num_samples``.
     The model runs in eval mode (restored afterwards)."""
     model = _unwrap(model)
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -202,10 +204,14 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
     try:
         device = model.head.weight.device
         step = decoder.step if decoder is not None else model.step
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        logits, state = model(idx, return_state=True)
-        logits = logits[:, -1].float().expand(num_samples, -1)
-        state = state.expand(-1, -1, num_samples, -1).contiguous()
+        if start is None:
+            idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+            logits, state = model(idx, return_state=True)
+            logits = logits[:, -1].float().expand(num_samples, -1)
+            state = state.expand(-1, -1, num_samples, -1).contiguous()
+        else:
+            logits, state = start[0].float(), start[1]
+            num_samples = logits.shape[0]
         out = [[] for _ in range(num_samples)]
         streams = [_TextStream(tokenizer, stop) for _ in range(num_samples)] if (stop or on_text) else None
         done = [False] * num_samples
