@@ -86,7 +86,7 @@ def finetune_thresholds(model, batches, iters: int, lr: float = 1e-3) -> list:
             with torch.no_grad():
                 for e in encoders:
                     e.delta.clamp_min_(1e-6)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     finally:
         for t in tensors:
             t.requires_grad_(False)
