@@ -28,7 +28,8 @@ def build_parser():
     p.add_argument("--calib-tokens", type=cli.positive_int, default=8192,
                    help="calibration tokens from the train split (at least 256)")
     p.add_argument("--bits", type=cli.positive_int, default=4, help="bits per spike step b (2^b levels per step)")
-    p.add_argument("--salient-frac", type=cli.unit_interval, default=0.1, help="fraction p of salient channels per layer")
+    p.add_argument("--salient-frac", type=cli.unit_interval, default=0.1,
+                   help="fraction p of salient channels per layer")
     p.add_argument("--extra-steps", type=cli.nonneg_int, default=1, help="salient channels get 2^a steps (b + a bits)")
     p.add_argument("--salient-full-precision", action="store_true",
                    help="keep the salient channels real-valued (the upper bound of the method)")

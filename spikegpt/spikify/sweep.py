@@ -77,7 +77,8 @@ def _uniform_at(points, bits: float) -> float:
 
 def _at(points, method, b, p, a):
     for q in points:
-        if q["kind"] == "obs" and q["method"] == method and (q["bits"], q["salient_frac"], q["extra_steps"]) == (b, p, a):
+        if q["kind"] == "obs" and q["method"] == method and (q["bits"], q["salient_frac"],
+                                                             q["extra_steps"]) == (b, p, a):
             return q["bpc"]
     return math.nan
 
