@@ -333,3 +333,36 @@ def test_calibrate_collects_every_linear_input():
     assert all(s.n == 2 * 4 * 8 for s in stats.values())
     assert all(s.sum_xgrad.abs().sum() > 0 for s in stats.values())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_sweep_grid_report_and_plot(tmp_path, monkeypatch):
+    from spikegpt.spikify import sweep
+    monkeypatch.setattr(sweep, "UNIFORM_BITS", (2, 3, 4, 5))
+    monkeypatch.setattr(sweep, "OBS_BITS", (3, 4))
+    monkeypatch.setattr(sweep, "FRACS", (0.1,))
+    monkeypatch.setattr(sweep, "EXTRA", (1,))
+    model = tiny_model()
+    batches = random_batches()
+    idx = random_batches(1, seed=11)[0]
+
+    def bits(m):
+        with torch.no_grad():
+            logits = m(idx[:, :-1])
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, 256), idx[:, 1:].reshape(-1)))
+
+    res = sweep.run_sweep(model, calibrate(model, batches), bits, "token-minmax", log=lambda s: None)
+    assert not is_converted(model)  # the sweep leaves the model as it found it
+    kinds = [(q["kind"], q["method"]) for q in res["points"]]
+    assert kinds[:4] == [("uniform", "uniform")] * 4 and len(kinds) == 4 + 5 * 2 * 2
+    q = next(q for q in res["points"] if q["kind"] == "obs" and q["bits"] == 4)
+    assert q["avg_bits"] == pytest.approx(4.1) and q["avg_steps"] == pytest.approx(1.1)
+    s = res["summary"]["b4_p0.1_a1"]
+    assert s["best"] != "random" and s["by_method"][s["best"]] == min(v for m, v in s["by_method"].items()
+                                                                     if m != "random")
+    assert s["uniform_interp"] == pytest.approx(0.9 * res["points"][2]["bpc"] + 0.1 * res["points"][3]["bpc"])
+    assert len(res["saliency_variation"]) == 15 and all(v["cov_channels"] > 0 for v in res["saliency_variation"])
+    md = sweep.markdown(res)
+    assert "| uniform b | 2 | 3 | 4 | 5 |" in md and "across channels" in md
+    pytest.importorskip("matplotlib")
+    sweep.plot([("tiny", res)], tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 10000

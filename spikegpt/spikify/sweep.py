@@ -84,16 +84,20 @@ def _at(points, method, b, p, a):
 
 
 def summarize(points, baseline) -> dict:
-    """The goals: best method at (4, 0.1, 1) and (3, 0.1, 1) against the unconverted model, and how
-    often the best method beats both uniform (interpolated) and random at the same point."""
+    """The goals: the best ranking method (random excluded) at (4, 0.1, 1), (3, 0.1, 1) and (3, 0.05, 1)
+    against the unconverted model, uniform quantization (interpolated) and random selection; and at
+    how many grid points each method beats both uniform and random."""
     methods = sorted({q["method"] for q in points if q["kind"] == "obs"})
     out = {}
     for b, p, a in ((4, 0.1, 1), (3, 0.1, 1), (3, 0.05, 1)):
         by = {m: _at(points, m, b, p, a) for m in methods}
-        best = min(by, key=lambda m: by[m]) if by else None
+        ranked = [m for m in methods if m != "random"]
+        best = min(ranked, key=lambda m: by[m]) if ranked else None
+        uniform = _uniform_at(points, b + p * a)
         out[f"b{b}_p{p}_a{a}"] = {"avg_bits": b + p * a, "by_method": by, "best": best,
-                                 "best_rel": by[best] / baseline - 1 if best else None,
-                                 "uniform_interp": _uniform_at(points, b + p * a)}
+                                 "best_rel": by[best] / baseline - 1 if best else None, "uniform_interp": uniform,
+                                 "best_below_uniform_and_random": bool(best) and by[best] < min(
+                                     by.get("random", math.inf), uniform)}
     obs = [q for q in points if q["kind"] == "obs"]
     keys = sorted({(q["bits"], q["salient_frac"], q["extra_steps"]) for q in obs})
     wins = {m: 0 for m in methods}
