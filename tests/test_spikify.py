@@ -366,3 +366,19 @@ def test_sweep_grid_report_and_plot(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     sweep.plot([("tiny", res)], tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 10000
+
+
+def test_reference_checkpoint_converts(shared_reference):
+    import spikegpt
+    model = spikegpt.from_reference(shared_reference / "tiny_l2_v77.pth", shared_reference / "tiny_l2_v77.json")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 77, (4, model.config.ctx_len + 1), generator=g) for _ in range(2)]
+    spikify(model, batches, SpikifyConfig(bits=4, salient_frac=0.1, extra_steps=1, saliency="taylor"))
+    idx = batches[0][:2, :6]
+    with torch.no_grad():
+        want = model(idx)
+    state, steps = model.initial_state(2), []
+    for t in range(idx.shape[1]):
+        logits, state = model.step(idx[:, t], state)
+        steps.append(logits)
+    assert is_converted(model) and torch.equal(torch.stack(steps, 1), want)
