@@ -30,11 +30,10 @@ def calibration_batches(tokens, n_tokens: int, ctx_len: int, batch_size: int = 1
     """``ceil(n_tokens / ctx_len)`` windows of ``ctx_len + 1`` tokens (inputs and targets) spread
     evenly over ``tokens`` (a 1-D array: the train split), as LongTensor batches of ``batch_size``."""
     n_seq = -(-n_tokens // ctx_len)
-    span = len(tokens) - ctx_len - 1
-    if span < 0 or n_seq * ctx_len + 1 > len(tokens):
+    if n_seq * ctx_len + 1 > len(tokens):
         raise ValueError(f"{n_tokens} calibration tokens need a split of at least {n_seq * ctx_len + 1} "
                          f"tokens; it has {len(tokens)}")
-    starts = np.linspace(0, span, n_seq).astype(np.int64)
+    starts = np.linspace(0, len(tokens) - ctx_len - 1, n_seq).astype(np.int64)
     rows = np.stack([np.asarray(tokens[s:s + ctx_len + 1], dtype=np.int64) for s in starts])
     return [torch.from_numpy(rows[i:i + batch_size]) for i in range(0, n_seq, batch_size)]
 
@@ -42,8 +41,7 @@ def calibration_batches(tokens, n_tokens: int, ctx_len: int, batch_size: int = 1
 def clear(model) -> None:
     """Back to the unconverted model (every encoder the identity)."""
     for _, lin in linear_layers(model):
-        for name in ("salient", "steps", "qmax", "lo", "delta"):
-            setattr(lin.encoder, name, None)
+        lin.encoder.clear()
 
 
 def configure(model, stats: dict, cfg: SpikifyConfig) -> dict:

@@ -204,6 +204,11 @@ class InputEncoder(nn.Module):
         self.spike_steps += float(torch.ceil(q / per_step).sum())
         self.tokens += x.numel() // x.shape[-1]
 
+    def clear(self) -> None:
+        """Back to the identity (no encoding buffers)."""
+        for name in _BUFFERS:
+            setattr(self, name, None)
+
     def reset_record(self) -> None:
         self.spikes, self.spike_steps, self.tokens = 0.0, 0.0, 0
 
