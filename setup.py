@@ -15,8 +15,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["spikegpt", "spikegpt.kernels"],
-    package_dir={"spikegpt": "spikegpt", "spikegpt.kernels": "kernels"},
+    packages=["spikegpt", "spikegpt.kernels", "spikegpt.spikify"],
+    package_dir={"spikegpt": "spikegpt", "spikegpt.kernels": "kernels", "spikegpt.spikify": "spikegpt/spikify"},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
