@@ -30,12 +30,15 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
     recording spikes, and return the report dict (rates, counts under every convention, energy)."""
     from .evaluate import evaluate_tokens
 
+    from .spikify.convert import input_spike_rows, input_spike_stats, recording_input_spikes
+
     base = unwrap(model)
     config = base.config
     window = window or config.ctx_len
-    with record_spikes(base):
+    with record_spikes(base), recording_input_spikes(base):
         ev = evaluate_tokens(base, tokens, window, carry_state=True, streams=streams, max_tokens=n_tokens,
                              device=device)
+    spike_inputs = input_spike_rows(base)  # None unless spikegpt.spikify converted the model
     stats = spike_stats(base)
     rates = SpikeRates.from_model(base)
     spiking = config.spiking
@@ -51,7 +54,7 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
         layers.append(row)
     conventions = {}
     for conv in ("paper", "code", "rwkv"):
-        rows = count_rwkv(config, rates, conv if spiking else "rwkv")
+        rows = count_rwkv(config, rates, conv if spiking else "rwkv", spike_inputs if conv == "code" else None)
         conventions[conv] = {"modules": rows, **summarize_counts(rows, e_mac, e_ac)}
     T = ctx_len or config.ctx_len
     rows = count_transformer(config, T)
@@ -59,6 +62,9 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
     notes = []
     if not spiking:
         notes.append("the model does not spike: no firing rates; every convention counts it as the plain RWKV")
+    if spike_inputs is not None:
+        notes.append("spike-driven linear inputs (spikegpt.spikify): convention (b) counts every projection as "
+                     "d_out ACs per input spike step (ACE) plus the MACs of step sizes and real-valued channels")
     if spiking and not config.binary_embedding:
         notes.append("non-binary embedding: layer 0's TimeMix projections stay MACs in the paper convention")
     return {
@@ -71,6 +77,7 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
         "transformer": {"ctx_len": T, "n_head": transformer_heads(config.n_embd),
                         "mean_keys_per_query": (T + 1) / 2},
         "conventions": conventions,
+        "input_spikes": input_spike_stats(base) if spike_inputs is not None else None,
         "notes": notes,
     }
 

@@ -75,6 +75,12 @@ mlp.residual                                                   L * C
 head                     V C
 =======================  ====================================  ==================================
 
+Spike-driven linear inputs (``spikegpt.spikify``): a converted model's projections read spike trains,
+and ``count_rwkv(..., spike_inputs=rows)`` replaces the matmul rows with the measured per-token counts
+(``spikegpt.spikify.convert.input_spike_rows``: ACE, ``d_out`` ACs per spike step of the inputs, plus
+the MACs that apply step sizes and offsets, and those of channels kept real-valued).  Analyze passes
+them to convention (b); convention (a) keeps the paper's premise.
+
 "Matmul" totals (projections, attention products and the head) are reported beside the totals over
 every counted operation; the paper-style headline figure is the matmul total of convention (a).
 """
@@ -95,12 +101,14 @@ MATMUL_ROWS = {"att.key_value_receptance", "att.output", "ffn.key", "ffn.recepta
                "attn.qkv", "attn.scores", "attn.weighted_sum", "attn.output", "mlp.fc", "mlp.proj"}
 
 
-def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention: str = "code") -> dict:
+def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention: str = "code",
+               spike_inputs: dict | None = None) -> dict:
     """Per-token ``{module: {"mac": n, "ac": n}}`` for the RWKV family (see the module docstring).
 
     ``convention``: ``"code"`` (b), ``"paper"`` (a) or ``"rwkv"`` (the non-spiking twin).  ``code``
     and ``paper`` need the measured ``rates`` of a spiking model; for a non-spiking model they equal
-    ``rwkv``."""
+    ``rwkv``.  ``spike_inputs``: measured ``{matmul row: {"mac", "ac"}}`` of spike-encoded linear
+    inputs, which replace those rows."""
     if convention not in ("code", "paper", "rwkv"):
         raise ValueError(f"unknown convention {convention!r}: code, paper or rwkv")
     L, C, V, F = config.n_layer, config.n_embd, config.vocab_size, config.ffn_mult * config.n_embd
@@ -144,6 +152,7 @@ def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention:
         rows["ffn.receptance"] = spike_driven(C * C, rho_ffn_in)
         rows["ffn.value"] = spike_driven(F * C, rho_ffn_in)
         rows["head"] = spike_driven(V * C, [rates.ffn[-1]])
+    rows.update({k: (v["mac"], v["ac"]) for k, v in (spike_inputs or {}).items()})
     return {k: {"mac": mac, "ac": ac} for k, (mac, ac) in rows.items()}
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import ModelConfig
+from .spikify.encoding import InputEncoder
 from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, N_STATE_SLOTS, WKV_O, WKV_P, WKV_Q, initial_state
 
 
@@ -109,6 +110,18 @@ class Neuron(nn.Module):
             self.spike_trace.append(s.to("cpu", torch.bool if self.kind == "lif" else torch.int8))
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (no bias) whose input first passes its ``encoder``: the identity, unless
+    ``spikegpt.spikify`` converted the model so that the input is a spike train."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.encoder = InputEncoder(in_features)
+
+    def forward(self, x):
+        return F.linear(self.encoder(x), self.weight)
+
+
 class TimeMix(nn.Module):
     """``W_o (sigmoid(W_r z_r) * WKV(-exp(time_decay), time_first, W_k z_k, W_v z_v))``."""
 
@@ -120,10 +133,10 @@ class TimeMix(nn.Module):
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_v = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(C, C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.output = nn.Linear(C, C, bias=False)
+        self.key = Linear(C, C)
+        self.value = Linear(C, C)
+        self.receptance = Linear(C, C)
+        self.output = Linear(C, C)
         self.reset_time_parameters(layer_id, L)
 
     @torch.no_grad()
@@ -156,9 +169,9 @@ class ChannelMix(nn.Module):
         C, L = config.n_embd, config.n_layer
         self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
         self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
-        self.key = nn.Linear(C, config.ffn_mult * C, bias=False)
-        self.receptance = nn.Linear(C, C, bias=False)
-        self.value = nn.Linear(config.ffn_mult * C, C, bias=False)
+        self.key = Linear(C, config.ffn_mult * C)
+        self.receptance = Linear(C, C)
+        self.value = Linear(config.ffn_mult * C, C)
         with torch.no_grad():
             s = (torch.arange(C, dtype=torch.float64) / C).view(1, 1, C)
             self.time_mix_k.copy_(s ** (1 - layer_id / L))
@@ -228,7 +241,7 @@ class SpikeGPT(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, l) for l in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = Linear(config.n_embd, config.vocab_size)
         self.tokenizer = None  # set by spikegpt.load() from the checkpoint
 
     def initial_state(self, batch_size: int, device=None) -> torch.Tensor:

@@ -47,6 +47,7 @@ from typing import List
 
 import torch
 
+from .spikify.encoding import encode
 from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
 
 # _step_impl indexes the state slots by number (TorchScript has no module constants): check them.
@@ -56,7 +57,8 @@ __all__ = ["RecurrentDecoder", "decoder_for"]
 
 
 def _param_key(model):
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+    """What the cache depends on: the parameters, and the buffers (a spike encoding of the linear inputs)."""
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in [*model.parameters(), *model.buffers()])
 
 
 # Per-layer entries of the flat list of small tensors handed to the step function (_step_impl reads
@@ -134,6 +136,11 @@ def _shape_key(w):
     return tuple(w.shape), w.stride(), w.dtype, w.data_ptr() % 64
 
 
+def _in(x, e: List[torch.Tensor]):
+    """The input of a matrix product: ``x``, or its spike encoding ``e`` (``spikegpt.spikify``)."""
+    return x if len(e) == 0 else encode(x, e)
+
+
 def _neuron_step(x, inp, v, tau, theta, neuron: int, levels: int, bipolar: bool, reset: int,
                  counts: List[torch.Tensor], collect: bool, slots: List[torch.Tensor]):
     """One step of the configured neuron (new membrane appended to ``slots``); returns ``x + output``.
@@ -167,6 +174,7 @@ def _neuron_step(x, inp, v, tau, theta, neuron: int, levels: int, bipolar: bool,
 
 
 def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats: List[List[torch.Tensor]],
+               encs: List[List[torch.Tensor]],
                ln_out_w, ln_out_b, n_layer: int, eps: float, tau, thetas: List[torch.Tensor], ones, tiny: float,
                binary: bool, neuron: int, levels: int, bipolar: bool, reset: int, cast: bool, collect: bool,
                logits, new) -> List[torch.Tensor]:
@@ -182,13 +190,14 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats:
     for l in range(n_layer):
         P = params[l * 10:(l + 1) * 10]
         W = mats[l * 7:(l + 1) * 7]
+        E = encs[l * 7:(l + 1) * 7]
         s0 = l * 7
         # ---- TimeMix: token shift mixes (z mu + z_prev (1 - mu), as the parallel path), k, v, r
         z = torch.layer_norm(x, [C], P[0], P[1], eps)
         m = (z * P[4] + S[s0] * P[5]).unbind(0)
-        k = _mm(m[0], W[0], cast)
-        v = _mm(m[1], W[1], cast)
-        r = torch.sigmoid(_mm(m[2], W[2], cast))
+        k = _mm(_in(m[0], E[0]), W[0], cast)
+        v = _mm(_in(m[1], E[1]), W[1], cast)
+        r = torch.sigmoid(_mm(_in(m[2], E[2]), W[2], cast))
         # WKV, one token: ops.wkv_torch's chunk arithmetic for a chunk of length 1.
         o = S[s0 + 4]
         K = torch.maximum(k, o)
@@ -200,19 +209,19 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats:
         y = (a + now * v) / (b + now)
         den = (ek + P[7] * b).clamp_min_(tiny)
         slot_v: List[torch.Tensor] = []
-        x = _neuron_step(x, _mm(r * y, W[3], cast), S[s0 + 5], tau, thetas[2 * l], neuron, levels, bipolar, reset,
-                         counts, collect, slot_v)
+        x = _neuron_step(x, _mm(_in(r * y, E[3]), W[3], cast), S[s0 + 5], tau, thetas[2 * l], neuron, levels,
+                         bipolar, reset, counts, collect, slot_v)
         # ---- ChannelMix
         z2 = torch.layer_norm(x, [C], P[2], P[3], eps)
         m2 = (z2 * P[8] + S[s0 + 1] * P[9]).unbind(0)
-        kk = torch.relu(_mm(m2[0], W[4], cast))
-        out = torch.sigmoid(_mm(m2[1], W[5], cast)) * _mm(kk * kk, W[6], cast)
+        kk = torch.relu(_mm(_in(m2[0], E[4]), W[4], cast))
+        out = torch.sigmoid(_mm(_in(m2[1], E[5]), W[5], cast)) * _mm(_in(kk * kk, E[6]), W[6], cast)
         x = _neuron_step(x, out, S[s0 + 6], tau, thetas[2 * l + 1], neuron, levels, bipolar, reset, counts,
                          collect, slot_v)
         slots += [z, z2, (ek * v + P[7] * a) / den, ones, K + torch.log(den), slot_v[0], slot_v[1]]
     torch.stack(slots, out=new.view(n_layer * 7, B, C))
     xo = torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps)
-    logits.copy_(_mm(xo, mats[n_layer * 7], cast))
+    logits.copy_(_mm(_in(xo, encs[n_layer * 7]), mats[n_layer * 7], cast))
     return counts
 
 
@@ -268,7 +277,7 @@ class RecurrentDecoder:
             w = lin.weight.detach()
             return (w if wd is None or w.dtype == wd else w.to(wd)).t()
 
-        params, mats = [], []
+        params, mats, linears = [], [], []
         for block in m.blocks:
             a, f = block.att, block.ffn
             w = -torch.exp(a.time_decay.detach())
@@ -291,10 +300,13 @@ class RecurrentDecoder:
                 sizes = [t.numel() for t in layer]
                 layer = [piece.view(t.shape) for piece, t in zip(flat.split(sizes), layer)]
             params += layer
-            mats += [mat(a.key), mat(a.value), mat(a.receptance), mat(a.output), mat(f.key), mat(f.receptance),
-                     mat(f.value)]
-        mats.append(mat(m.head))
+            linears += [a.key, a.value, a.receptance, a.output, f.key, f.receptance, f.value]
+        linears.append(m.head)
+        mats = [mat(lin) for lin in linears]
         self.params = params
+        # The spike encodings of the matrices' inputs (empty lists for an unconverted model).
+        self.encs = [[t.to(m.emb.weight.dtype) if t.is_floating_point() else t for t in lin.encoder.encoding()]
+                     for lin in linears]
         self.emb = m.emb.weight.detach()
         self.ln0 = (m.blocks[0].ln0.weight.detach(), m.blocks[0].ln0.bias.detach())
         self.ln_out = (m.ln_out.weight.detach(), m.ln_out.bias.detach())
@@ -394,7 +406,7 @@ class RecurrentDecoder:
         with torch.inference_mode():
             counts = self._impl(
                 tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params,
-                mats, self.ln_out[0],
+                mats, self.encs, self.ln_out[0],
                 self.ln_out[1], cfg.n_layer,
                 cfg.layer_norm_eps, self.tau, self.thetas, self._ones(state), self.tiny, bool(cfg.binary_embedding),
                 self.neuron, self.levels, self.bipolar, self.reset, self.cast, bool(self.collect_spikes), logits, new)
