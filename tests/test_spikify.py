@@ -15,9 +15,10 @@ from spikegpt.spikify.saliency import InputStats, calibrate, linear_layers, sali
 CFG = ModelConfig(vocab_size=256, n_layer=2, n_embd=16, ctx_len=8)
 
 
-def tiny_model(spiking=True, seed=0):
+def tiny_model(spiking=True, seed=0, **neuron):
     torch.manual_seed(seed)
     cfg = CFG if spiking else ModelConfig(**{**CFG.to_dict(), "spiking": False, "binary_embedding": False})
+    cfg = ModelConfig(**{**cfg.to_dict(), **neuron}) if neuron else cfg
     m = SpikeGPT(cfg)
     with torch.no_grad():  # trained-looking weights: large enough that the LIFs fire
         for name, p in m.named_parameters():
@@ -179,9 +180,11 @@ def test_converted_logits_equal_independent_fake_quant(encoding, spiking):
     assert not torch.equal(got, tiny_model(spiking)(idx))
 
 
-@pytest.mark.parametrize("encoding", ["token-minmax", "channel-static"])
-def test_recurrent_equals_parallel_on_converted_model(encoding):
-    model = tiny_model()
+@pytest.mark.parametrize("encoding,neuron", [
+    ("token-minmax", {}), ("channel-static", {}),
+    ("token-minmax", {"neuron": "gif", "levels": 4, "polarity": "bipolar", "reset": "soft"})])
+def test_recurrent_equals_parallel_on_converted_model(encoding, neuron):
+    model = tiny_model(**neuron)
     spikify(model, random_batches(), SpikifyConfig(bits=2, salient_frac=0.25, extra_steps=1, encoding=encoding,
                                                    saliency="hessian"))
     idx = random_batches(1, B=2, T=12, seed=3)[0][:, :12]
