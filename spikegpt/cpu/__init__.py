@@ -40,7 +40,6 @@ differentiated, and so is the threshold.
 """
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import warnings
@@ -57,6 +56,12 @@ _ext = None
 _failure: str | None = None
 
 
+# The instruction set of each ATen CPU capability: the build targets the one ATen dispatches to, so that
+# the kernels round a + b * c exactly as ATen's (FMA where the capability has it).
+_ISA_FLAGS = {"AVX2": ["-mavx2", "-mfma"],
+              "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]}
+
+
 def _build():
     from torch.utils import cpp_extension
 
@@ -64,11 +69,14 @@ def _build():
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler ({compiler}) on PATH")
     cpp_extension.verify_ninja_availability()
-    flags = ["-O3", "-ffp-contract=off"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", *_ISA_FLAGS.get(capability, [])]
+    ldflags = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # the threads of ATen's parallel_for (torch's own OpenMP runtime)
-    return cpp_extension.load(name="spikegpt_cpu_ops", sources=[str(_SOURCE)], extra_cflags=flags,
-                              extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [], verbose=False)
+        ldflags.append("-fopenmp")
+    return cpp_extension.load(name=f"spikegpt_cpu_ops_{capability.lower()}", sources=[str(_SOURCE)],
+                              extra_cflags=flags, extra_ldflags=ldflags, verbose=False)
 
 
 def available() -> bool:
@@ -151,7 +159,7 @@ class _Neuron(torch.autograd.Function):
         dt = _compute(x)
         th = float(theta)
         y, v_last, h = _extension().gif_forward(x.to(dt).contiguous(), v0.to(dt).contiguous(), th, float(tau),
-                                        int(levels), bool(bipolar), reset, surrogate, scaled, _fma())
+                                                float(alpha), int(levels), bool(bipolar), reset, surrogate, scaled)
         ctx.save_for_backward(h)
         ctx.consts = (th, float(tau), float(alpha), int(levels), bool(bipolar), reset, surrogate, scaled,
                       x.dtype, v0.dtype, theta.dtype if torch.is_tensor(theta) else None)
@@ -163,16 +171,10 @@ class _Neuron(torch.autograd.Function):
         th, tau, alpha, levels, bipolar, reset, surrogate, scaled, x_dt, v_dt, th_dt = ctx.consts
         gy = torch.zeros_like(h) if gy is None else gy.to(h.dtype).contiguous()
         gvl = torch.zeros_like(h[:, 0]) if gv_last is None else gv_last.to(h.dtype).contiguous()
-        gx, gv0, gth = _extension().gif_backward(gy, gvl, h, th, tau, 1 - 1 / tau, math.pi / 2 * alpha, alpha / 2,
-                                         levels, bipolar, reset, surrogate, scaled, _fma())
+        gx, gv0, gth = _extension().gif_backward(gy, gvl, h, th, tau, alpha, levels, bipolar, reset, surrogate,
+                                                 scaled)
         gth = gth.to(th_dt) if th_dt is not None and ctx.needs_input_grad[2] else None
         return gx.to(x_dt), gv0.to(v_dt), gth, None, None, None, None, None, None, None
-
-
-def _fma() -> bool:
-    """Whether ATen's CPU kernels round ``a + b * c`` (``addcmul``) as one fused multiply-add: they are
-    compiled with FMA contraction, which applies where the dispatched CPU capability has FMA."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
 def _v0(x, v0):

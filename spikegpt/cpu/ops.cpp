@@ -4,8 +4,10 @@
 // Layout: contiguous (B, T, C); the B sequences are split over threads, each runs its tokens in order
 // with the C channels as the inner, vectorised loop.  Sums over B (gradients of w, u and the threshold)
 // are per-sequence partials added in a fixed order, so every result is independent of the thread count.
-// Build flags keep IEEE arithmetic (-ffp-contract=off, no fast-math): no FMA contraction, no
-// reassociation, so the neuron kernel rounds exactly as the PyTorch reference does.
+// Build flags keep IEEE arithmetic (-ffp-contract=off, no fast-math): no implicit FMA contraction, no
+// reassociation, so the neuron kernel rounds exactly as the PyTorch reference does.  The build targets the
+// instruction set of ATen's dispatched CPU capability (spikegpt/cpu/__init__.py), so __FMA__ is defined
+// exactly where ATen's kernels run with FMA contraction; addcmul's a + b * c is then one fused multiply-add.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -14,13 +16,23 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SPIKEGPT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+namespace {
+
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+constexpr bool kFusedMulAdd = true;
 #else
-#define SPIKEGPT_CLONES
+constexpr bool kFusedMulAdd = false;
 #endif
 
-namespace {
+// a + b * c rounded as ATen's addcmul rounds it.
+template <typename T>
+inline T mul_add(T b, T c, T a) {
+  if constexpr (kFusedMulAdd) {
+    return std::fma(b, c, a);
+  } else {
+    return a + b * c;
+  }
+}
 
 // e^x for x <= 0 (every exponent of the WKV scan is a difference to a running maximum).  fp32: the
 // Cephes polynomial (relative error ~1e-7, written so the compiler vectorises it), 0 below the normal
@@ -104,34 +116,6 @@ inline void wkv_backward_row(int64_t C, const T* __restrict w, const T* __restri
   }
 }
 
-SPIKEGPT_CLONES void wkv_forward_row_f(int64_t C, const float* w, const float* u, const float* k, const float* v,
-                                       float* y, float* a, float* b, float* o, float* sa, float* sb, float* so) {
-  wkv_forward_row<float>(C, w, u, k, v, y, a, b, o, sa, sb, so);
-}
-SPIKEGPT_CLONES void wkv_backward_row_f(int64_t C, const float* w, const float* u, const float* k, const float* v,
-                                        const float* gy, const float* sa, const float* sb, const float* so,
-                                        float* ga, float* gb, float* gk, float* gv, float* gw, float* gu) {
-  wkv_backward_row<float>(C, w, u, k, v, gy, sa, sb, so, ga, gb, gk, gv, gw, gu);
-}
-inline void forward_row(int64_t C, const float* w, const float* u, const float* k, const float* v, float* y,
-                        float* a, float* b, float* o, float* sa, float* sb, float* so) {
-  wkv_forward_row_f(C, w, u, k, v, y, a, b, o, sa, sb, so);
-}
-inline void forward_row(int64_t C, const double* w, const double* u, const double* k, const double* v, double* y,
-                        double* a, double* b, double* o, double* sa, double* sb, double* so) {
-  wkv_forward_row<double>(C, w, u, k, v, y, a, b, o, sa, sb, so);
-}
-inline void backward_row(int64_t C, const float* w, const float* u, const float* k, const float* v, const float* gy,
-                         const float* sa, const float* sb, const float* so, float* ga, float* gb, float* gk,
-                         float* gv, float* gw, float* gu) {
-  wkv_backward_row_f(C, w, u, k, v, gy, sa, sb, so, ga, gb, gk, gv, gw, gu);
-}
-inline void backward_row(int64_t C, const double* w, const double* u, const double* k, const double* v,
-                         const double* gy, const double* sa, const double* sb, const double* so, double* ga,
-                         double* gb, double* gk, double* gv, double* gw, double* gu) {
-  wkv_backward_row<double>(C, w, u, k, v, gy, sa, sb, so, ga, gb, gk, gv, gw, gu);
-}
-
 // Returns y, the final state (p, o) normalised to q = 1 (p = a / b, o = o + log b) and, for backward,
 // the per-token states before each token (sa, sb, so) and the final b.
 std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
@@ -150,7 +134,7 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
       for (int64_t i = b0; i < b1; ++i) {
         for (int64_t t = 0; t < T; ++t) {
           const int64_t off = (i * T + t) * C;
-          forward_row(C, pw, pu, pk + off, pv + off, py + off, pa + i * C, pb + i * C, po + i * C, psa + off,
+          wkv_forward_row(C, pw, pu, pk + off, pv + off, py + off, pa + i * C, pb + i * C, po + i * C, psa + off,
                       psb + off, pso + off);
         }
       }
@@ -183,7 +167,7 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
       for (int64_t i = b0; i < b1; ++i) {
         for (int64_t t = T - 1; t >= 0; --t) {
           const int64_t off = (i * T + t) * C;
-          backward_row(C, pw, pu, pk + off, pv + off, pgy + off, psa + off, psb + off, pso + off, pga + i * C,
+          wkv_backward_row(C, pw, pu, pk + off, pv + off, pgy + off, psa + off, psb + off, pso + off, pga + i * C,
                        pgb + i * C, pgk + off, pgv + off, pgw + i * C, pgu + i * C);
         }
       }
@@ -195,31 +179,26 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
 }
 
 // ------------------------------------------------------------------------------------------------
-// GIF neuron (LIF at one level).  reset: 0 hard, 1 soft, 2 zero (v forced to 0 after every step);
-// surrogate: 0 atan, 1 ste; scaled: output theta * s (GIF) or s (LIF).
+// GIF neuron (LIF at one level).  RESET: 0 hard, 1 soft, 2 zero (v forced to 0 after every step);
+// SURROGATE: 0 atan, 1 ste.  out_scale is theta (GIF: y = theta s) or 1 (LIF: y = s; 1 * s is s exactly).
 // ------------------------------------------------------------------------------------------------
+constexpr int kHard = 0, kSoft = 1, kZero = 2, kAtan = 0, kSte = 1;
+
 struct NeuronConsts {
+  double theta, tau, keep, c_atan, half_alpha, out_scale;  // keep = 1 - 1/tau, c_atan = pi/2 alpha
   int64_t levels;
-  bool bipolar;
-  int reset, surrogate;
-  bool scaled;
-  bool fma;  // round a + b * c as one fused multiply-add, as ATen's addcmul does where the CPU has FMA
 };
 
-template <typename T>
-inline T mul_add(T b, T c, T a, bool fused) {
-  return fused ? std::fma(b, c, a) : a + b * c;
-}
-
 // The spike count: clip(floor(h / theta), 0, L) or sign(h) min(floor(|h| / theta), L).
-template <typename T>
-inline T count_of(T h, T theta, T levels, bool bipolar) {
-  if (bipolar) {
+template <typename T, bool BIPOLAR>
+inline T count_of(T h, T theta, T levels) {
+  if constexpr (BIPOLAR) {
     const T n = std::floor(std::abs(h) / theta);
     return std::copysign(n > levels ? levels : n, h);
+  } else {
+    const T n = std::floor(h / theta);
+    return n < 0 ? T(0) : (n > levels ? levels : n);
   }
-  const T n = std::floor(h / theta);
-  return n < 0 ? T(0) : (n > levels ? levels : n);
 }
 
 // d/dz of arctan(pi/2 alpha z) / pi + 1/2, rounded as the reference: (alpha/2) * 1 / (1 + (z c)^2).
@@ -229,180 +208,198 @@ inline T atan_sg(T z, T c, T half_alpha) {
   return (T(1) / (zc * zc + T(1))) * half_alpha;
 }
 
-template <typename T>
-void gif_forward_seq(int64_t Tn, int64_t C, const T* x, const T* v0, T* y, T* h, T* v, T theta, T tau,
-                     const NeuronConsts& nc) {
-  const T levels = T(nc.levels);
+template <typename T, bool BIPOLAR, int RESET>
+void gif_forward_seq(int64_t Tn, int64_t C, const T* x, const T* v0, T* y, T* h, T* v, const NeuronConsts& k) {
+  const T theta = T(k.theta), tau = T(k.tau), levels = T(k.levels), out_scale = T(k.out_scale);
   for (int64_t c = 0; c < C; ++c) v[c] = v0[c];
   for (int64_t t = 0; t < Tn; ++t) {
-    const T* xt = x + t * C;
-    T *yt = y + t * C, *ht = h + t * C;
-    const bool carried = !(nc.reset == 2 && t > 0);
-#pragma GCC ivdep
+    const T* __restrict xt = x + t * C;
+    T* __restrict yt = y + t * C;
+    T* __restrict ht = h + t * C;
+    T* __restrict vv = v;  // under the zero reset, v0 before the first token and 0 after every token
     for (int64_t c = 0; c < C; ++c) {
-      const T vp = carried ? v[c] : T(0);
+      const T vp = vv[c];
       const T hh = vp + (xt[c] - vp) / tau;
-      const T s = count_of(hh, theta, levels, nc.bipolar);
+      const T s = count_of<T, BIPOLAR>(hh, theta, levels);
       ht[c] = hh;
-      yt[c] = nc.scaled ? theta * s : s;
-      v[c] = nc.reset == 0 ? (s != 0 ? T(0) : hh) : (nc.reset == 1 ? mul_add(s, -theta, hh, nc.fma) : T(0));
+      yt[c] = out_scale * s;
+      if constexpr (RESET == kHard) {
+        vv[c] = s != 0 ? T(0) : hh;
+      } else if constexpr (RESET == kSoft) {
+        vv[c] = mul_add(s, -theta, hh);
+      } else {
+        vv[c] = T(0);
+      }
     }
   }
 }
 
-template <typename T>
-void gif_backward_seq(int64_t Tn, int64_t C, const T* gy, const T* gvl, const T* h, T* gx, T* gv0, T* gth, T theta,
-                      T tau, T keep, T c_atan, T half_alpha, const NeuronConsts& nc) {
-  const T levels = T(nc.levels);
-  std::vector<T> g_next(C);  // dL/dh of the next token
+template <typename T, bool BIPOLAR, int RESET, int SURROGATE>
+void gif_backward_seq(int64_t Tn, int64_t C, const T* gy, const T* gvl, const T* h, T* gx, T* gv0, T* gth,
+                      const NeuronConsts& k) {
+  const T theta = T(k.theta), tau = T(k.tau), keep = T(k.keep), c_atan = T(k.c_atan), half_alpha = T(k.half_alpha);
+  const T levels = T(k.levels), out_scale = T(k.out_scale);
+  std::vector<T> g_buf(C), dsdh_buf(C), dsdth_buf(C), dvdh_buf(C), dvdth_buf(C);
+  T* __restrict g_next = g_buf.data();  // dL/dh of the next token; before the last token, dL/dv_last
+  for (int64_t c = 0; c < C; ++c) g_next[c] = gvl[c];
+  T* __restrict ds_dh = dsdh_buf.data();
+  T* __restrict ds_dth = dsdth_buf.data();
+  T* __restrict dv_dh = dvdh_buf.data();
+  T* __restrict dv_dth = dvdth_buf.data();
   for (int64_t t = Tn - 1; t >= 0; --t) {
-    const T *gyt = gy + t * C, *ht = h + t * C;
-    T* gxt = gx + t * C;
-    const bool last = t == Tn - 1;
-#pragma GCC ivdep
-    for (int64_t c = 0; c < C; ++c) {
-      const T hh = ht[c], gyv = gyt[c];
-      const T s = count_of(hh, theta, levels, nc.bipolar);
-      const T gs = nc.scaled ? gyv * theta : gyv;
-      // Surrogate slopes of the count: ds/dh, ds/dtheta.
-      T ds_dh, ds_dth;
-      if (nc.surrogate == 1) {
-        const T top = (levels + 1) * theta;
-        const T inside = (nc.bipolar ? std::abs(hh) < top : (hh >= 0 && hh < top)) ? T(1) : T(0);
-        ds_dh = inside / theta;
-        ds_dth = (-inside * hh) / (theta * theta);
-      } else {
-        ds_dh = atan_sg(hh - theta, c_atan, half_alpha);
-        ds_dth = -ds_dh;
-        for (int64_t kl = 2; kl <= nc.levels; ++kl) {
-          const T sg = atan_sg(hh - T(kl) * theta, c_atan, half_alpha);
-          ds_dh = ds_dh + sg;
-          ds_dth = ds_dth - T(kl) * sg;
+    const T* __restrict gyt = gy + t * C;
+    const T* __restrict ht = h + t * C;
+    T* __restrict gxt = gx + t * C;
+    T* __restrict gacc = gth;
+    // Surrogate slopes of the count, ds/dh and ds/dtheta, summed level by level as the reference sums.
+    if constexpr (SURROGATE == kSte) {
+      const T top = (levels + 1) * theta;
+      for (int64_t c = 0; c < C; ++c) {
+        const T hh = ht[c];
+        const T inside = (BIPOLAR ? std::abs(hh) < top : (hh >= 0 && hh < top)) ? T(1) : T(0);
+        ds_dh[c] = inside / theta;
+        ds_dth[c] = (-inside * hh) / (theta * theta);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        ds_dh[c] = atan_sg(ht[c] - theta, c_atan, half_alpha);
+        ds_dth[c] = -ds_dh[c];
+      }
+      for (int64_t kl = 2; kl <= k.levels; ++kl) {
+        const T at = T(kl) * theta, kt = T(kl);
+        for (int64_t c = 0; c < C; ++c) {
+          const T sg = atan_sg(ht[c] - at, c_atan, half_alpha);
+          ds_dh[c] = ds_dh[c] + sg;
+          ds_dth[c] = ds_dth[c] - kt * sg;
         }
-        if (nc.bipolar) {
-          for (int64_t kl = 1; kl <= nc.levels; ++kl) {
-            const T sg = atan_sg(hh + T(kl) * theta, c_atan, half_alpha);
-            ds_dh = ds_dh + sg;
-            ds_dth = ds_dth + T(kl) * sg;
+      }
+      if constexpr (BIPOLAR) {
+        for (int64_t kl = 1; kl <= k.levels; ++kl) {
+          const T at = T(kl) * theta, kt = T(kl);
+          for (int64_t c = 0; c < C; ++c) {
+            const T sg = atan_sg(ht[c] + at, c_atan, half_alpha);
+            ds_dh[c] = ds_dh[c] + sg;
+            ds_dth[c] = ds_dth[c] + kt * sg;
           }
         }
       }
-      const T from_spike = gs * ds_dh;
-      T g, th_part;
-      if (nc.reset == 2) {
-        g = from_spike;
-        th_part = gyv * s + gs * ds_dth;
-      } else {
-        T dv_dh, dv_dth;
-        if (nc.reset == 0) {
-          // The fired indicator F = 1[s != 0] and its surrogate (the first level).
-          T dF_dh, dF_dth;
-          if (nc.surrogate == 1) {
-            const T top = 2 * theta;
-            if (nc.bipolar) {
-              const T inside = std::abs(hh) < top ? T(1) : T(0);
-              const T sign = hh > 0 ? T(1) : (hh < 0 ? T(-1) : T(0));
-              dF_dh = inside * sign / theta;
-              dF_dth = (-inside * std::abs(hh)) / (theta * theta);
-            } else {
-              const T inside = (hh >= 0 && hh < top) ? T(1) : T(0);
-              dF_dh = inside / theta;
-              dF_dth = (-inside * hh) / (theta * theta);
-            }
-          } else if (nc.bipolar) {
-            const T up = atan_sg(hh - theta, c_atan, half_alpha), down = atan_sg(hh + theta, c_atan, half_alpha);
-            dF_dh = up - down;
-            dF_dth = -(up + down);
-          } else {
-            dF_dh = atan_sg(hh - theta, c_atan, half_alpha);
-            dF_dth = -dF_dh;
-          }
-          dv_dh = (T(1) - (s != 0 ? T(1) : T(0))) - hh * dF_dh;
-          dv_dth = -hh * dF_dth;
+    }
+    // Per channel, the local terms: ds_dh becomes dL/dh from the spike, ds_dth the threshold gradient
+    // without the membrane's term, and (dv_dh, dv_dth) the reset's slopes.
+    for (int64_t c = 0; c < C; ++c) {
+      const T hh = ht[c], gyv = gyt[c];
+      const T s = count_of<T, BIPOLAR>(hh, theta, levels);
+      const T gs = gyv * out_scale;
+      const T from_spike = gs * ds_dh[c];
+      const T th_part = gyv * s + gs * ds_dth[c];
+      if constexpr (RESET == kHard) {
+        // The fired indicator F = 1[s != 0], with the surrogate of the first level.
+        T dF_dh, dF_dth;
+        if constexpr (SURROGATE == kSte && BIPOLAR) {
+          const T inside = std::abs(hh) < 2 * theta ? T(1) : T(0);
+          const T sign = hh > 0 ? T(1) : (hh < 0 ? T(-1) : T(0));
+          dF_dh = inside * sign / theta;
+          dF_dth = (-inside * std::abs(hh)) / (theta * theta);
+        } else if constexpr (SURROGATE == kSte) {
+          const T inside = (hh >= 0 && hh < 2 * theta) ? T(1) : T(0);
+          dF_dh = inside / theta;
+          dF_dth = (-inside * hh) / (theta * theta);
+        } else if constexpr (BIPOLAR) {
+          const T up = atan_sg(hh - theta, c_atan, half_alpha), down = atan_sg(hh + theta, c_atan, half_alpha);
+          dF_dh = up - down;
+          dF_dth = -(up + down);
         } else {
-          dv_dh = T(1) - theta * ds_dh;
-          dv_dth = -s - theta * ds_dth;
+          dF_dh = atan_sg(hh - theta, c_atan, half_alpha);
+          dF_dth = -dF_dh;
         }
-        // dL/dv_t: the final membrane's gradient, or dL/dh_{t+1} (1 - 1/tau).
-        const T gv_t = last ? gvl[c] : g_next[c] * keep;
-        g = last ? mul_add(gvl[c], dv_dh, from_spike, nc.fma) : mul_add(g_next[c], dv_dh * keep, from_spike, nc.fma);
-        th_part = gyv * s + gs * ds_dth + gv_t * dv_dth;
+        dv_dh[c] = (T(1) - (s != 0 ? T(1) : T(0))) - hh * dF_dh;
+        dv_dth[c] = -hh * dF_dth;
+      } else if constexpr (RESET == kSoft) {
+        dv_dh[c] = T(1) - theta * ds_dh[c];
+        dv_dth[c] = -s - theta * ds_dth[c];
+      }
+      ds_dh[c] = from_spike;
+      ds_dth[c] = th_part;
+    }
+    // The recurrence: dL/dv_t is the final membrane's gradient, or dL/dh_{t+1} (1 - 1/tau).
+    const T to_v = t == Tn - 1 ? T(1) : keep;  // 1 * g is g exactly
+    for (int64_t c = 0; c < C; ++c) {
+      T g = ds_dh[c], th_part = ds_dth[c];
+      if constexpr (RESET != kZero) {
+        const T gv_t = g_next[c] * to_v;
+        g = mul_add(g_next[c], dv_dh[c] * to_v, g);
+        th_part = th_part + gv_t * dv_dth[c];
       }
       g_next[c] = g;
       gxt[c] = g / tau;
-      gth[c] += th_part;
+      gacc[c] += th_part;
     }
   }
   for (int64_t c = 0; c < C; ++c) gv0[c] = g_next[c] * keep;
 }
 
-SPIKEGPT_CLONES void gif_forward_seq_f(int64_t Tn, int64_t C, const float* x, const float* v0, float* y, float* h,
-                                       float* v, float theta, float tau, const NeuronConsts& nc) {
-  gif_forward_seq<float>(Tn, C, x, v0, y, h, v, theta, tau, nc);
+template <typename T, bool BIPOLAR, int RESET, int SURROGATE>
+void gif_run(bool forward, int64_t B, int64_t Tn, int64_t C, const NeuronConsts& k, const T* in0, const T* in1,
+             const T* in2, T* out0, T* out1, T* out2) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i) {
+      if (forward) {  // in: x, v0; out: y, h, v
+        gif_forward_seq<T, BIPOLAR, RESET>(Tn, C, in0 + i * Tn * C, in1 + i * C, out0 + i * Tn * C,
+                                           out1 + i * Tn * C, out2 + i * C, k);
+      } else {  // in: gy, gv_last, h; out: gx, gv0, per-channel threshold gradient
+        gif_backward_seq<T, BIPOLAR, RESET, SURROGATE>(Tn, C, in0 + i * Tn * C, in1 + i * C, in2 + i * Tn * C,
+                                                       out0 + i * Tn * C, out1 + i * C, out2 + i * C, k);
+      }
+    }
+  });
 }
-SPIKEGPT_CLONES void gif_backward_seq_f(int64_t Tn, int64_t C, const float* gy, const float* gvl, const float* h,
-                                        float* gx, float* gv0, float* gth, float theta, float tau, float keep,
-                                        float c_atan, float half_alpha, const NeuronConsts& nc) {
-  gif_backward_seq<float>(Tn, C, gy, gvl, h, gx, gv0, gth, theta, tau, keep, c_atan, half_alpha, nc);
+
+// The template instance for (bipolar, reset, surrogate).
+template <typename T>
+void gif_dispatch(bool forward, bool bipolar, int64_t reset, int64_t surrogate, int64_t B, int64_t Tn, int64_t C,
+                  const NeuronConsts& k, const T* in0, const T* in1, const T* in2, T* out0, T* out1, T* out2) {
+  using Fn = void (*)(bool, int64_t, int64_t, int64_t, const NeuronConsts&, const T*, const T*, const T*, T*, T*, T*);
+  static const Fn table[2][3][2] = {
+      {{gif_run<T, false, kHard, kAtan>, gif_run<T, false, kHard, kSte>},
+       {gif_run<T, false, kSoft, kAtan>, gif_run<T, false, kSoft, kSte>},
+       {gif_run<T, false, kZero, kAtan>, gif_run<T, false, kZero, kSte>}},
+      {{gif_run<T, true, kHard, kAtan>, gif_run<T, true, kHard, kSte>},
+       {gif_run<T, true, kSoft, kAtan>, gif_run<T, true, kSoft, kSte>},
+       {gif_run<T, true, kZero, kAtan>, gif_run<T, true, kZero, kSte>}}};
+  TORCH_CHECK(reset >= 0 && reset < 3 && surrogate >= 0 && surrogate < 2, "bad GIF reset/surrogate code");
+  table[bipolar][reset][surrogate](forward, B, Tn, C, k, in0, in1, in2, out0, out1, out2);
 }
-inline void forward_seq(int64_t Tn, int64_t C, const float* x, const float* v0, float* y, float* h, float* v,
-                        float theta, float tau, const NeuronConsts& nc) {
-  gif_forward_seq_f(Tn, C, x, v0, y, h, v, theta, tau, nc);
-}
-inline void forward_seq(int64_t Tn, int64_t C, const double* x, const double* v0, double* y, double* h, double* v,
-                        double theta, double tau, const NeuronConsts& nc) {
-  gif_forward_seq<double>(Tn, C, x, v0, y, h, v, theta, tau, nc);
-}
-inline void backward_seq(int64_t Tn, int64_t C, const float* gy, const float* gvl, const float* h, float* gx,
-                         float* gv0, float* gth, float theta, float tau, float keep, float c_atan, float half_alpha,
-                         const NeuronConsts& nc) {
-  gif_backward_seq_f(Tn, C, gy, gvl, h, gx, gv0, gth, theta, tau, keep, c_atan, half_alpha, nc);
-}
-inline void backward_seq(int64_t Tn, int64_t C, const double* gy, const double* gvl, const double* h, double* gx,
-                         double* gv0, double* gth, double theta, double tau, double keep, double c_atan,
-                         double half_alpha, const NeuronConsts& nc) {
-  gif_backward_seq<double>(Tn, C, gy, gvl, h, gx, gv0, gth, theta, tau, keep, c_atan, half_alpha, nc);
+
+NeuronConsts consts_of(double theta, double tau, double alpha, int64_t levels, bool scaled) {
+  // Each constant rounded once from double, as the reference's Python scalars are.
+  return {theta, tau, 1 - 1 / tau, M_PI / 2 * alpha, alpha / 2, scaled ? theta : 1.0, levels};
 }
 
 // Returns y (theta s, or s), the last membrane and h (saved for backward).
-std::vector<torch::Tensor> gif_forward(torch::Tensor x, torch::Tensor v0, double theta, double tau, int64_t levels,
-                                       bool bipolar, int64_t reset, int64_t surrogate, bool scaled, bool fma) {
+std::vector<torch::Tensor> gif_forward(torch::Tensor x, torch::Tensor v0, double theta, double tau, double alpha,
+                                       int64_t levels, bool bipolar, int64_t reset, int64_t surrogate, bool scaled) {
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2);
-  const NeuronConsts nc{levels, bipolar, int(reset), int(surrogate), scaled, fma};
+  const NeuronConsts k = consts_of(theta, tau, alpha, levels, scaled);
   auto y = torch::empty_like(x), h = torch::empty_like(x), v = torch::empty_like(v0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gif_forward", [&] {
-    const scalar_t *px = x.data_ptr<scalar_t>(), *pv0 = v0.data_ptr<scalar_t>();
-    scalar_t *py = y.data_ptr<scalar_t>(), *ph = h.data_ptr<scalar_t>(), *pv = v.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i) {
-        forward_seq(T, C, px + i * T * C, pv0 + i * C, py + i * T * C, ph + i * T * C, pv + i * C,
-                    scalar_t(theta), scalar_t(tau), nc);
-      }
-    });
+    gif_dispatch<scalar_t>(true, bipolar, reset, surrogate, B, T, C, k, x.data_ptr<scalar_t>(),
+                           v0.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                           v.data_ptr<scalar_t>());
   });
-  if (reset == 2) v.zero_();
   return {y, v, h};
 }
 
-// Returns dL/dx, dL/dv0 and dL/dtheta (0-d).  The constants come rounded as the reference rounds them:
-// keep = 1 - 1/tau, c_atan = pi/2 alpha and half_alpha = alpha/2, each computed in double.
+// Returns dL/dx, dL/dv0 and dL/dtheta (0-d; per-channel partials summed in fp64).
 std::vector<torch::Tensor> gif_backward(torch::Tensor gy, torch::Tensor gvl, torch::Tensor h, double theta, double tau,
-                                        double keep, double c_atan, double half_alpha, int64_t levels, bool bipolar,
-                                        int64_t reset, int64_t surrogate, bool scaled, bool fma) {
+                                        double alpha, int64_t levels, bool bipolar, int64_t reset, int64_t surrogate,
+                                        bool scaled) {
   const int64_t B = h.size(0), T = h.size(1), C = h.size(2);
-  const NeuronConsts nc{levels, bipolar, int(reset), int(surrogate), scaled, fma};
-  auto gx = torch::empty_like(h), gv0 = torch::empty({B, C}, h.options());
-  auto gth = torch::zeros({B, C}, h.options());
+  const NeuronConsts k = consts_of(theta, tau, alpha, levels, scaled);
+  auto gx = torch::empty_like(h), gv0 = torch::empty({B, C}, h.options()), gth = torch::zeros({B, C}, h.options());
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gif_backward", [&] {
-    const scalar_t *pgy = gy.data_ptr<scalar_t>(), *pgvl = gvl.data_ptr<scalar_t>(), *ph = h.data_ptr<scalar_t>();
-    scalar_t *pgx = gx.data_ptr<scalar_t>(), *pgv0 = gv0.data_ptr<scalar_t>(), *pgth = gth.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t i = b0; i < b1; ++i) {
-        backward_seq(T, C, pgy + i * T * C, pgvl + i * C, ph + i * T * C, pgx + i * T * C, pgv0 + i * C,
-                     pgth + i * C, scalar_t(theta), scalar_t(tau), scalar_t(keep), scalar_t(c_atan),
-                     scalar_t(half_alpha), nc);
-      }
-    });
+    gif_dispatch<scalar_t>(false, bipolar, reset, surrogate, B, T, C, k, gy.data_ptr<scalar_t>(),
+                           gvl.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(),
+                           gv0.data_ptr<scalar_t>(), gth.data_ptr<scalar_t>());
   });
   return {gx, gv0, gth.to(torch::kFloat64).sum().to(h.scalar_type())};
 }
