@@ -281,3 +281,16 @@ def test_a_failed_build_warns_once_and_leaves_the_references(monkeypatch):
         assert type(ops.lif(x.requires_grad_())[0].grad_fn).__name__ == "_LIFBackward"
     with pytest.raises(RuntimeError, match="fused CPU ops unavailable"):
         cpu.lif(x)
+
+
+def test_bench_cpu_ops_smoke():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_cpu_ops import main
+
+    result = main(["--smoke", "--shapes", "tiny"])
+    row = result["shapes"]["tiny"]
+    assert set(row["seconds_per_step"]) == {"spikegpt-reference", "spikegpt-fused", "transformer"}
+    assert all(t > 0 for op in row["op_ms_forward_backward"].values() for t in op.values())
