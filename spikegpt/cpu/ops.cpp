@@ -286,6 +286,7 @@ void gif_backward_seq(int64_t Tn, int64_t C, const T* gy, const T* gvl, const T*
     }
     // Per channel, the local terms: ds_dh becomes dL/dh from the spike, ds_dth the threshold gradient
     // without the membrane's term, and (dv_dh, dv_dth) the reset's slopes.
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T hh = ht[c], gyv = gyt[c];
       const T s = count_of<T, BIPOLAR>(hh, theta, levels);
@@ -323,6 +324,7 @@ void gif_backward_seq(int64_t Tn, int64_t C, const T* gy, const T* gvl, const T*
     }
     // The recurrence: dL/dv_t is the final membrane's gradient, or dL/dh_{t+1} (1 - 1/tau).
     const T to_v = t == Tn - 1 ? T(1) : keep;  // 1 * g is g exactly
+#pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       T g = ds_dh[c], th_part = ds_dth[c];
       if constexpr (RESET != kZero) {
