@@ -3,8 +3,10 @@
     python benchmarks/bench_cpu_ops.py            # tiny and 45m shapes
     python benchmarks/bench_cpu_ops.py --smoke    # tiny sizes, a few iterations, writes nothing
 
-Per op: forward + backward of one WKV call and one LIF call at each shape's (batch, ctx, n_embd),
-median ms, reference (``--kernels torch``) vs fused.  Training step (forward + backward + AdamW, the
+Per op: forward + backward of one WKV call, one LIF call and five token-shift mixes of one input
+(``mix5``: the model's ``z * mu + zs * (1 - mu)``; a layer has five, on two inputs) at each shape's
+(batch, ctx, n_embd), median ms, reference (``--kernels torch``) vs fused.  The model does not use the
+fused mixes yet (``spikegpt.cpu.token_shift_mix``): the training step runs the references' mixes.  Training step (forward + backward + AdamW, the
 step of ``bench_cpu_train.py``), side by side in one run: SpikeGPT on the references, SpikeGPT on
 the fused ops, and the same-size GPT of ``bench_cpu_train.py``; ``tiny`` at its batch (s/iter),
 ``45m`` at batch 1 (tokens/s, a few steps).  The neuron and WKV shares of the fused step are
@@ -28,6 +30,7 @@ from common import RESULTS, header, timeit  # noqa: E402
 from spikegpt import ModelConfig, SpikeGPT, cpu, ops  # noqa: E402
 from spikegpt.config import PRESETS  # noqa: E402
 from spikegpt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from spikegpt.model import token_shift  # noqa: E402
 
 
 def op_times(B, T, C, iters):
@@ -39,9 +42,17 @@ def op_times(B, T, C, iters):
     u = torch.randn(C, generator=g).requires_grad_()
     x = (torch.randn(B, T, C, generator=g) * 2).requires_grad_()
     gy = torch.randn(B, T, C, generator=g)
-    impls = {"reference": (ops.wkv_torch, ops.lif_torch), "fused": (cpu.wkv, cpu.lif)}
-    out = {"wkv": {}, "lif": {}}
-    for name, (wkv, lif) in impls.items():
+    last = torch.randn(B, C, generator=g)
+    mus = torch.rand(5, 1, 1, C, generator=g).requires_grad_()
+
+    def mix_reference():
+        zs = token_shift(k, last)
+        return torch.stack([k * mu + zs * (1 - mu) for mu in mus])
+
+    impls = {"reference": (ops.wkv_torch, ops.lif_torch, mix_reference),
+             "fused": (cpu.wkv, cpu.lif, lambda: cpu.token_shift_mix(k, last, mus))}
+    out = {"wkv": {}, "lif": {}, "mix5": {}}
+    for name, (wkv, lif, mix) in impls.items():
         def wkv_step():
             y, _ = wkv(-torch.exp(decay), u, k, v)
             y.backward(gy)
@@ -49,7 +60,10 @@ def op_times(B, T, C, iters):
         def lif_step():
             s, _ = lif(x)
             s.backward(gy)
+        def mix_step():
+            mix().backward(gy.expand(5, B, T, C))
         out["wkv"][name] = 1e3 * timeit(wkv_step, torch.device("cpu"), 2, iters)
+        out["mix5"][name] = 1e3 * timeit(mix_step, torch.device("cpu"), 2, iters)
         out["lif"][name] = 1e3 * timeit(lif_step, torch.device("cpu"), 2, iters)
     return out
 
@@ -97,6 +111,7 @@ def main(argv=None):
         steps = step_times(cfg, step_batch, iters, 1 if args.smoke else 2)
         tokens = step_batch * cfg.ctx_len
         fused = steps["spikegpt-fused"]
+        mix_ms = cfg.n_layer * (opt["mix5"]["reference"] - opt["mix5"]["fused"]) * step_batch / B
         neuron_ms = 2 * cfg.n_layer * opt["lif"]["fused"] * step_batch / B
         wkv_ms = cfg.n_layer * opt["wkv"]["fused"] * step_batch / B
         result["shapes"][preset] = {
@@ -104,7 +119,8 @@ def main(argv=None):
             "seconds_per_step": steps, "tokens_per_second": {k: tokens / s for k, s in steps.items()},
             "fused_vs_transformer": fused / steps["transformer"],
             "reference_vs_transformer": steps["spikegpt-reference"] / steps["transformer"],
-            "fused_step_share_estimate": {"neuron": neuron_ms / 1e3 / fused, "wkv": wkv_ms / 1e3 / fused}}
+            "fused_step_share_estimate": {"neuron": neuron_ms / 1e3 / fused, "wkv": wkv_ms / 1e3 / fused},
+            "fused_mix_saving_estimate_seconds": mix_ms / 1e3}
         lines += [f"### {preset}: L{cfg.n_layer} C{C} ctx {T}; ops at batch {B}, training step at batch "
                   f"{step_batch}", "", "| op (forward + backward) | reference ms | fused ms | speed-up |",
                   "|---|---:|---:|---:|"]
@@ -114,7 +130,8 @@ def main(argv=None):
         lines += [f"| {k} | {s:.4f} | {tokens / s:.0f} | {s / steps['transformer']:.2f}x |" for k, s in steps.items()]
         lines += ["", f"Fused step, estimated from the per-op timings: neuron {100 * neuron_ms / 1e3 / fused:.0f}%, "
                   f"WKV {100 * wkv_ms / 1e3 / fused:.0f}%, the rest (matrix products, token-shift mixes, "
-                  "norms, optimizer) the remainder.", ""]
+                  "norms, optimizer) the remainder.  Wiring the fused mixes into the model would save about "
+                  f"{mix_ms:.0f} ms of it ({100 * mix_ms / 1e3 / fused:.0f}%), estimated from the mix5 timings.", ""]
     markdown = "\n".join(lines)
     print(markdown)
     if not args.smoke:

@@ -231,6 +231,26 @@ def test_wkv_from_the_empty_state_has_finite_state_gradients_and_bf16_runs():
 
 
 # --------------------------------------------------------------------------------------------------
+# Token-shift mixes.
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_token_shift_mix_is_the_model_expression(dtype, tol):
+    from spikegpt.model import token_shift
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 9, 16, generator=g, dtype=dtype).requires_grad_()
+    last = torch.randn(3, 16, generator=g, dtype=dtype).requires_grad_()
+    mus = [torch.rand(1, 1, 16, generator=g, dtype=dtype).requires_grad_() for _ in range(3)]
+    cot = torch.randn(3, 3, 9, 16, generator=g, dtype=dtype)
+    zs = token_shift(z, last)
+    want = torch.stack([z * mu + zs * (1 - mu) for mu in mus])
+    got = cpu.token_shift_mix(z, last, torch.stack(mus))
+    assert torch.equal(got, want)
+    for a, b in zip(_grads((got,), (z, last, *mus), (cot,)), _grads((want,), (z, last, *mus), (cot,))):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# --------------------------------------------------------------------------------------------------
 # Dispatch, determinism, fallback.
 # --------------------------------------------------------------------------------------------------
 def test_auto_runs_cpu_tensors_fused_and_torch_keeps_the_references():

@@ -1,4 +1,5 @@
-"""Fused CPU ops: the WKV scan and the GIF/LIF neuron, forward and backward, as one native call each.
+"""Fused CPU ops: the WKV scan, the GIF/LIF neuron and the token-shift mixes, forward and backward, as
+one native call each.
 
 The pure PyTorch references of :mod:`spikegpt.ops` issue a few small tensor ops per token (the LIF
 loop) or per chunk (WKV); here each (B, T, C) call is one C++ loop over the tokens with the channels as
@@ -207,3 +208,31 @@ def gif(x, v0=None, theta=1.0, tau: float = 2.0, levels: int = 1, bipolar: bool 
     if x.shape[1] == 0:
         return torch.empty_like(x), v0.clone()
     return _Neuron.apply(x, v0, theta, tau, levels, bipolar, RESETS[reset], SURROGATES[surrogate], alpha, True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-shift mixes.
+# --------------------------------------------------------------------------------------------------
+class _Mix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, last, mu):
+        ctx.save_for_backward(z, last, mu)
+        return _extension().mix_forward(z, last, mu)[0]
+
+    @staticmethod
+    def backward(ctx, g):
+        z, last, mu = ctx.saved_tensors
+        return tuple(_extension().mix_backward(g.contiguous(), z, last, mu))
+
+
+def token_shift_mix(z, last, mu):
+    """The token-shift mixes of ``spikegpt.model`` for M mixes of one ``z`` in one pass:
+    ``out[m] = z * mu[m] + zs * (1 - mu[m])`` with ``zs[:, t] = z[:, t-1]`` and ``zs[:, 0] = last``.
+
+    ``z`` (B, T, C) fp32 or fp64, ``last`` (B, C), ``mu`` (M, C) (or any (M, ..., C)); returns
+    (M, B, T, C).  The values are bitwise the reference expression; the gradients (of ``z``, ``last``
+    and ``mu``) agree to rounding (the sums run in another order)."""
+    if z.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"token_shift_mix runs fp32 or fp64, got {z.dtype}")
+    mu = mu.reshape(mu.shape[0], z.shape[-1]).to(z.dtype).contiguous()
+    return _Mix.apply(z.contiguous(), last.to(z.dtype).contiguous(), mu)

@@ -406,6 +406,82 @@ std::vector<torch::Tensor> gif_backward(torch::Tensor gy, torch::Tensor gvl, tor
   return {gx, gv0, gth.to(torch::kFloat64).sum().to(h.scalar_type())};
 }
 
+// ------------------------------------------------------------------------------------------------
+// Token-shift mixes: out_m = z mu_m + zs (1 - mu_m), zs_t = z_{t-1} (zs_0 = last), for M mixes of one z.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void mix_forward_seq(int64_t Tn, int64_t C, int64_t M, int64_t B, int64_t i, const T* z, const T* last, const T* mu,
+                     const T* om, T* out) {
+  for (int64_t t = 0; t < Tn; ++t) {
+    const T* __restrict zt = z + (i * Tn + t) * C;
+    const T* __restrict zs = t == 0 ? last + i * C : zt - C;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* __restrict mm = mu + m * C;
+      const T* __restrict oo = om + m * C;
+      T* __restrict ot = out + ((m * B + i) * Tn + t) * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) ot[c] = zt[c] * mm[c] + zs[c] * oo[c];
+    }
+  }
+}
+
+template <typename T>
+void mix_backward_seq(int64_t Tn, int64_t C, int64_t M, int64_t B, int64_t i, const T* g, const T* z, const T* last,
+                      const T* mu, const T* om, T* gz, T* glast, T* gmu) {
+  for (int64_t t = 0; t < Tn; ++t) {
+    const T* __restrict zt = z + (i * Tn + t) * C;
+    const T* __restrict zs = t == 0 ? last + i * C : zt - C;
+    T* __restrict gzt = gz + (i * Tn + t) * C;
+    // dL/dz_t gets g_t mu from its own token, and g_{t+1} (1 - mu) from the next token's shift.
+    T* __restrict to_prev = t == 0 ? glast + i * C : gzt - C;
+    for (int64_t m = 0; m < M; ++m) {
+      const T* __restrict gt = g + ((m * B + i) * Tn + t) * C;
+      const T* __restrict mm = mu + m * C;
+      const T* __restrict oo = om + m * C;
+      T* __restrict gm = gmu + (i * M + m) * C;
+      const T keep_own = m == 0 ? T(0) : T(1), keep_prev = (m == 0 && t == 0) ? T(0) : T(1);
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        gzt[c] = keep_own == 0 ? gt[c] * mm[c] : gzt[c] + gt[c] * mm[c];
+        to_prev[c] = keep_prev == 0 ? gt[c] * oo[c] : to_prev[c] + gt[c] * oo[c];
+        gm[c] += gt[c] * (zt[c] - zs[c]);
+      }
+    }
+  }
+}
+
+std::vector<torch::Tensor> mix_forward(torch::Tensor z, torch::Tensor last, torch::Tensor mu) {
+  const int64_t B = z.size(0), T = z.size(1), C = z.size(2), M = mu.size(0);
+  auto om = 1 - mu;  // rounded as the reference's (1 - mu)
+  auto out = torch::empty({M, B, T, C}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mix_forward", [&] {
+    const scalar_t *pz = z.data_ptr<scalar_t>(), *pl = last.data_ptr<scalar_t>();
+    const scalar_t *pmu = mu.data_ptr<scalar_t>(), *pom = om.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) mix_forward_seq<scalar_t>(T, C, M, B, i, pz, pl, pmu, pom, po);
+    });
+  });
+  return {out};
+}
+
+// Returns dL/dz, dL/dlast and dL/dmu = sum over (B, T) of g (z - zs) (per-sequence partials, then in order).
+std::vector<torch::Tensor> mix_backward(torch::Tensor g, torch::Tensor z, torch::Tensor last, torch::Tensor mu) {
+  const int64_t B = z.size(0), T = z.size(1), C = z.size(2), M = mu.size(0);
+  auto om = 1 - mu;
+  auto gz = torch::empty_like(z), glast = torch::empty_like(last);
+  auto gmu_part = torch::zeros({B, M, C}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "mix_backward", [&] {
+    const scalar_t *pg = g.data_ptr<scalar_t>(), *pz = z.data_ptr<scalar_t>(), *pl = last.data_ptr<scalar_t>();
+    const scalar_t *pmu = mu.data_ptr<scalar_t>(), *pom = om.data_ptr<scalar_t>();
+    scalar_t *pgz = gz.data_ptr<scalar_t>(), *pgl = glast.data_ptr<scalar_t>(), *pgm = gmu_part.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) mix_backward_seq<scalar_t>(T, C, M, B, i, pg, pz, pl, pmu, pom, pgz, pgl, pgm);
+    });
+  });
+  return {gz, glast, gmu_part.sum(0)};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -413,4 +489,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv_backward", &wkv_backward);
   m.def("gif_forward", &gif_forward);
   m.def("gif_backward", &gif_backward);
+  m.def("mix_forward", &mix_forward);
+  m.def("mix_backward", &mix_backward);
 }
