@@ -5,7 +5,9 @@ neuron (``DESIGN.md`` §1).  Both run along dim 1 of (B, T, C) tensors.  This mo
 PyTorch references, which are the CPU implementation, and dispatches to the Triton kernels of
 ``spikegpt.kernels`` on CUDA tensors:
 
-* ``backend="auto"`` (default): Triton on CUDA tensors when Triton is importable, reference otherwise;
+* ``backend="auto"`` (default): Triton on CUDA tensors when Triton is importable, the fused C++ ops
+  of ``spikegpt.cpu`` on CPU tensors where they build (WKV calls of two or more tokens), reference
+  otherwise;
 * ``"triton"``: always Triton (an error if it cannot run);
 * ``"torch"``: always the reference.
 
@@ -432,11 +434,21 @@ def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
     return x.is_cuda and triton_available()
 
 
+def _use_cpu_fused(x: torch.Tensor, backend: str | None) -> bool:
+    """``"auto"`` on CPU tensors: the fused C++ ops of :mod:`spikegpt.cpu`, wherever they build."""
+    from . import cpu
+    return (backend or _backend) == "auto" and cpu.supports(x)
+
+
 def wkv(w, u, k, v, state=None, backend: str | None = None):
-    """WKV over dim 1 of ``k, v`` (B, T, C); see :func:`wkv_torch`.  Returns ``(y, (p, q, o))``."""
+    """WKV over dim 1 of ``k, v`` (B, T, C); see :func:`wkv_torch`.  Returns ``(y, (p, q, o))``.
+    One-token calls keep the reference's arithmetic, which the recurrent decoder mirrors bitwise."""
     if _use_triton(k, backend):
         from . import kernels
         return kernels.wkv(w, u, k, v, state)
+    if k.shape[1] > 1 and _use_cpu_fused(k, backend):
+        from . import cpu
+        return cpu.wkv(w, u, k, v, state)
     return wkv_torch(w, u, k, v, state)
 
 
@@ -447,6 +459,9 @@ def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2
     if _use_triton(x, backend):
         from . import kernels
         return kernels.lif(x, v0, tau, v_threshold, alpha)
+    if _use_cpu_fused(x, backend):
+        from . import cpu
+        return cpu.lif(x, v0, tau, v_threshold, alpha)
     return lif_torch(x, v0, tau, v_threshold, alpha)
 
 
