@@ -15,17 +15,19 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["spikegpt", "spikegpt.data", "spikegpt.spikify", "spikegpt.kernels"],
+    packages=["spikegpt", "spikegpt.data", "spikegpt.spikify", "spikegpt.cpu", "spikegpt.kernels"],
+    package_data={"spikegpt.cpu": ["ops.cpp"]},
     package_dir={"spikegpt": "spikegpt", "spikegpt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
         "tokenizers>=0.15",
         "tqdm>=4.60",
+        "ninja>=1.10",  # builds the fused CPU ops (spikegpt/cpu) with torch's extension tooling
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "zstandard>=0.21", "lm-eval>=0.4.13"],
+        "test": ["pytest>=7", "zstandard>=0.21", "lm-eval>=0.4.13", "matplotlib>=3.5"],
         "wandb": ["wandb>=0.16"],
         "plot": ["matplotlib>=3.5"],
         "zstd": ["zstandard>=0.21"],

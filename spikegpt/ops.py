@@ -24,8 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+from pathlib import Path
 
 import torch
+
+from .errors import UserError
 
 EMPTY_EXP = -1e38
 BACKENDS = ("auto", "triton", "torch")
@@ -412,26 +416,75 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+class BackendError(UserError, RuntimeError):
+    """A requested kernel backend that cannot run here."""
+
+
+_kernels_state: tuple | None = None  # (module or None, why it is missing)
+
+
+def _load_kernels():
+    """``spikegpt.kernels`` and, when it cannot be had, why.  In a source checkout that was not
+    installed (``pip install -e .`` maps ``kernels/`` to ``spikegpt.kernels``), the checkout's
+    ``kernels/`` beside the package is loaded under that name."""
+    global _kernels_state
+    if _kernels_state is None:
+        try:
+            from . import kernels
+            _kernels_state = (kernels, None)
+        except ImportError:
+            _kernels_state = _kernels_from_source()
+    return _kernels_state
+
+
+def _kernels_from_source() -> tuple:
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        return None, "Triton is not installed (pip install triton, Linux only)"
+    source = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+    if source.is_file():
+        spec = importlib.util.spec_from_file_location(f"{__package__}.kernels", source,
+                                                      submodule_search_locations=[str(source.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        try:
+            spec.loader.exec_module(module)
+        except ImportError as e:
+            del sys.modules[spec.name]
+            return None, f"Triton is installed but spikegpt.kernels cannot be imported ({e})"
+        return module, None
+    return None, "Triton is installed but spikegpt.kernels is not: run pip install -e . in the source checkout"
+
+
 def triton_available() -> bool:
-    try:
-        from . import kernels  # noqa: F401  (spikegpt.kernels, installed from kernels/)
-    except ImportError:
-        return False
-    return True
+    return _load_kernels()[0] is not None
+
+
+def _kernels():
+    return _load_kernels()[0]
+
+
+_warned_fallback = False
 
 
 def _use_triton(x: torch.Tensor, backend: str | None) -> bool:
+    global _warned_fallback
     backend = backend or _backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
     if backend == "torch":
         return False
+    module, why = _load_kernels()
     if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("kernel backend 'triton' was requested but Triton is not importable; "
-                               "install triton (Linux) or use --kernels torch")
+        if module is None:
+            raise BackendError(f"kernel backend 'triton' was requested but {why}; or use --kernels torch")
         return True
-    return x.is_cuda and triton_available()
+    if x.is_cuda and module is None and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"--kernels auto on a CUDA tensor runs the slow PyTorch reference: {why}", stacklevel=3)
+    return x.is_cuda and module is not None
 
 
 def _use_cpu_fused(x: torch.Tensor, backend: str | None) -> bool:
@@ -444,8 +497,7 @@ def wkv(w, u, k, v, state=None, backend: str | None = None):
     """WKV over dim 1 of ``k, v`` (B, T, C); see :func:`wkv_torch`.  Returns ``(y, (p, q, o))``.
     One-token calls keep the reference's arithmetic, which the recurrent decoder mirrors bitwise."""
     if _use_triton(k, backend):
-        from . import kernels
-        return kernels.wkv(w, u, k, v, state)
+        return _kernels().wkv(w, u, k, v, state)
     if k.shape[1] > 1 and _use_cpu_fused(k, backend):
         from . import cpu
         return cpu.wkv(w, u, k, v, state)
@@ -457,8 +509,7 @@ def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2
     """Multi-step LIF over dim 1 of ``x`` (B, T, C); see :func:`lif_torch`.  Returns
     ``(spikes, v_last)``."""
     if _use_triton(x, backend):
-        from . import kernels
-        return kernels.lif(x, v0, tau, v_threshold, alpha)
+        return _kernels().lif(x, v0, tau, v_threshold, alpha)
     if _use_cpu_fused(x, backend):
         from . import cpu
         return cpu.lif(x, v0, tau, v_threshold, alpha)
@@ -469,6 +520,8 @@ def gif(x, v0=None, theta=1.0, tau: float = 2.0, levels: int = 1, bipolar: bool 
         reset: str = "hard", surrogate: str = "atan", alpha: float = 2.0, backend: str | None = None):
     """Multi-step GIF over dim 1 of ``x`` (B, T, C); see :func:`gif_torch`.  Returns ``(y, v_last)``."""
     if _use_triton(x, backend):
-        from . import kernels
-        return kernels.gif(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)
+        return _kernels().gif(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)
+    if _use_cpu_fused(x, backend):
+        from . import cpu
+        return cpu.gif(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)
     return gif_torch(x, v0, theta, tau, levels, bipolar, reset, surrogate, alpha)

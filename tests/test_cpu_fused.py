@@ -314,3 +314,27 @@ def test_bench_cpu_ops_smoke():
     row = result["shapes"]["tiny"]
     assert set(row["seconds_per_step"]) == {"spikegpt-reference", "spikegpt-fused", "transformer"}
     assert all(t > 0 for op in row["op_ms_forward_backward"].values() for t in op.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# GIF: the fused neuron against ops.gif_torch, the model's own reference.
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("levels,bipolar,reset,surrogate", [
+    (1, False, "hard", "atan"), (4, True, "soft", "atan"), (2, False, "soft", "ste"), (8, True, "hard", "ste"),
+    (4, True, "zero", "atan")])
+def test_gif_is_the_model_reference(dtype, levels, bipolar, reset, surrogate):
+    """Values, membrane, grad x and grad v0 bitwise; the threshold gradient (a sum over every element,
+    in another order) to 1e-5 relative."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 33, 19, generator=g, dtype=dtype) * 2).requires_grad_()
+    v0 = torch.randn(2, 19, generator=g, dtype=dtype).requires_grad_()
+    theta = torch.tensor(0.7, dtype=dtype, requires_grad=True)
+    cot = (torch.randn(2, 33, 19, generator=g, dtype=dtype), torch.randn(2, 19, generator=g, dtype=dtype))
+    ref = ops.gif_torch(x, v0, theta, 2.0, levels, bipolar, reset, surrogate, 2.0)
+    got = cpu.gif(x, v0, theta, 2.0, levels, bipolar, reset, surrogate, 2.0)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    gr = _grads(ref, (x, v0, theta), cot)
+    gg = _grads(got, (x, v0, theta), cot)
+    assert torch.equal(gg[0], gr[0]) and torch.equal(gg[1], gr[1])
+    assert torch.allclose(gg[2], gr[2], rtol=1e-5, atol=1e-6 * gr[0].abs().max().item())

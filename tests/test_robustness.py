@@ -321,3 +321,28 @@ def test_checkpoints_recording_the_old_init_field_still_load(tmp_path):
     ckpt["model_config"]["init"] = "reference"
     torch.save(ckpt, tmp_path / "old.pt")
     assert spikegpt.load(tmp_path / "old.pt").config == model.config
+
+
+def test_missing_kernels_are_explained(monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from spikegpt import ops
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else
+                        real_find_spec(name, *a))
+    assert ops._kernels_from_source() == (None, "Triton is not installed (pip install triton, Linux only)")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(ops, "Path", lambda *a: Path("/nonexistent/spikegpt/ops.py"))
+    if real_find_spec("triton") is not None:
+        assert "run pip install -e ." in ops._kernels_from_source()[1]
+    monkeypatch.setattr(ops, "_kernels_state", (None, "Triton is installed but spikegpt.kernels is not"))
+    monkeypatch.setattr(ops, "_warned_fallback", False)
+    cuda_tensor = SimpleNamespace(is_cuda=True)
+    with pytest.warns(UserWarning, match="slow PyTorch reference: Triton is installed but"):
+        assert not ops._use_triton(cuda_tensor, "auto")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert not ops._use_triton(cuda_tensor, "auto")
+    with pytest.raises(RuntimeError, match="'triton' was requested but Triton is installed but"):
+        ops._use_triton(cuda_tensor, "triton")
