@@ -4,7 +4,7 @@ from pathlib import Path
 from setuptools import setup
 
 here = Path(__file__).parent
-version = next(line.split('"')[1] for line in (here / "spikegpt" / "__init__.py").read_text().splitlines()
+version = next(line.split('"')[1] for line in (here / "spikegpt" / "version.py").read_text().splitlines()
                if line.startswith("__version__"))
 
 setup(

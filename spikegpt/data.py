@@ -124,6 +124,7 @@ import numpy as np
 import torch
 
 from .tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer, tokenizer_from_dict
+from .fileio import atomic_write, atomic_write_text, tmp_name
 
 __all__ = [
     "DataError",
@@ -190,42 +191,8 @@ def _np_dtype(name: str) -> np.dtype:
     return np.dtype(name).newbyteorder("<")
 
 
-def _tmp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Create or replace ``path`` atomically: ``write(f)`` fills a temporary file in the same
-    directory, which is fsynced and renamed over ``path`` (then the directory is fsynced), so a crash
-    leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        _fsync_file(path.parent)
-    except OSError:
-        pass
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text), mode="w")
+    atomic_write_text(path, text)
 
 
 def _meta_json(meta: Mapping[str, Any]) -> str:
@@ -351,7 +318,7 @@ class _SplitWriter:
 
     def __init__(self, final: Path, dtype: np.dtype):
         self.final = final
-        self.tmp = _tmp_name(final)
+        self.tmp = tmp_name(final)
         self.dtype = dtype
         self.tokens = 0
         self._f = open(self.tmp, "wb")
