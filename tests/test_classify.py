@@ -9,7 +9,7 @@ import torch
 from spikegpt.classify import ClassifyConfig, SentenceClassifier, load_classifier, read_examples, save_classifier
 from spikegpt.classify import scratch_lm
 from spikegpt.classify.__main__ import main
-from spikegpt.analyze import firing_rates, record_spikes
+from spikegpt.spikes import firing_rates, record_spikes
 from spikegpt.classify.data import Example, check_labels, detect_format, fold_splits, kfold, label_set, pair_labels
 from spikegpt.classify.model import pool
 from spikegpt.classify.train import best_epoch, collate, encode, fit, predict_proba, scores

@@ -13,15 +13,14 @@ epoch.  ``--json`` writes ``{"accuracy", "macro_f1", "dev_accuracy", "epochs", "
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from functools import partial
 
-from ..checkpoint import load_any
-from ..cli import (UserError, add_device_arg, add_dtype_arg, add_kernels_arg, add_threads_arg, new_parser,
-                   nonneg_float, positive_float, positive_int, probability, run_cli, setup_runtime,
-                   unit_interval)
+from ..cli import (UserError, add_device_arg, add_dtype_arg, add_kernels_arg, add_threads_arg, load_model,
+                   new_parser, nonneg_float, positive_float, positive_int, probability, run_cli, setup_runtime,
+                   unit_interval, write_json)
 from ..config import PRESETS, ModelConfig, preset
-from ..fileio import atomic_write_json
 from .data import FORMATS, check_labels, read_examples, stratified_split
 from .model import POOLS, load_classifier, scratch_lm
 from .train import ClassifyConfig, autocast_for, cross_validate, encode, evaluate, predict_proba, run_split
@@ -51,6 +50,7 @@ def build_parser():
     g.add_argument("--init-from", metavar="CKPT", help="fine-tune this language model of ours (file or run directory)")
     g.add_argument("--reference", metavar="PTH", help="fine-tune a reference SpikeGPT state dict (.pth)")
     g.add_argument("--reference-config", metavar="JSON", help="the reference model's config JSON")
+    g.add_argument("--tokenizer", help="override the language model's tokenizer: 'byte' or a tokenizer JSON")
     g.add_argument("--binary-embedding", dest="binary_embedding", action="store_true", default=None,
                    help="reference import: binarise the embedding")
     g.add_argument("--no-binary-embedding", dest="binary_embedding", action="store_false",
@@ -112,15 +112,10 @@ def _say(msg: str) -> None:
 def _make_lm(args):
     """``make_lm(train_examples)`` for run_split: the pre-trained model, or a fresh one."""
     if args.init_from or args.reference:
-        overrides = {"binary_embedding": args.binary_embedding, "v_threshold": args.v_threshold}
-
-        def pretrained(_train):
-            lm = load_any(args.init_from, args.reference, args.reference_config, "cpu", **overrides)
-            if lm.tokenizer is None:
-                raise UserError(f"{args.init_from or args.reference} records no tokenizer; fine-tune a "
-                                "checkpoint of ours that has one")
-            return lm
-        return pretrained
+        names = argparse.Namespace(ckpt=args.init_from, reference=args.reference, tokenizer=args.tokenizer,
+                                   reference_config=args.reference_config,
+                                   binary_embedding=args.binary_embedding, v_threshold=args.v_threshold)
+        return lambda _train: load_model(names, "cpu")
     arch = {k: getattr(args, k) for k in ("n_layer", "n_embd", "ffn_mult", "tau", "v_threshold", "spiking")}
     arch["dropout"] = args.lm_dropout
     if args.spiking is False:
@@ -158,7 +153,7 @@ def _train(args, device) -> None:
           + (f"  ({result['folds_run']}/{result['folds_total']} folds, std {100 * result['std']:.2f})"
              if "folds" in result else f"  (best dev epoch {result['best_epoch']})"))
     if args.json:
-        atomic_write_json(args.json, result)
+        write_json(args.json, result)
 
 
 def _predict(args, device) -> None:
@@ -183,7 +178,7 @@ def _evaluate(args, device) -> None:
     out.update(n_test=len(test), truncated=truncated, labels=clf.labels)
     print(f"accuracy {100 * out['accuracy']:.2f}%  macro-F1 {100 * out['macro_f1']:.2f}%  on {len(test)} sentences")
     if args.json:
-        atomic_write_json(args.json, out)
+        write_json(args.json, out)
 
 
 def run(args) -> None:

@@ -20,9 +20,14 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import DataError
+from .. import data
+from ..errors import UserError
 
 FORMATS = ("label-sentence", "tsv", "csv", "pair")
+
+
+class DataError(data.DataError, UserError):
+    """A problem with a classification file; the message names the file, the line and the fix."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointError, versions
 from ..config import ModelConfig
-from ..data import atomic_write  # spikegpt.fileio on main
+from ..fileio import atomic_write
 from ..model import SpikeGPT
 from ..tokenizer import tokenizer_from_dict
 

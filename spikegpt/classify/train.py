@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..analyze import firing_rates, record_spikes
+from ..spikes import firing_rates, record_spikes
 from .data import check_labels, fold_splits, label_set
 from .model import PAD_ID, SentenceClassifier, save_classifier
 
