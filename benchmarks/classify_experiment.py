@@ -66,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--pool", default="mean")
     p.add_argument("--lm-iters", type=int, default=1500, help="pre-training steps (batch 12 x 64 bytes)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--report-only", action="store_true", help="only rewrite the table from the results file")
     return p.parse_args(argv)
 
 
@@ -81,10 +82,14 @@ def pretrain(texts, name: str, args, log) -> tuple[Path, list[str], float]:
            "--preset", "tiny", "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
            "--max-iters", str(args.lm_iters), "--eval-interval", "0", "--eval-max-tokens", "16384",
            "--sample-tokens", "0", "--keep-checkpoints", "1", "--threads", str(args.threads), "--device", "cpu"]
-    if not any(run_dir.glob("ckpt-*.pt")):
-        log(" ".join(cmd[1:]))
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    log(shown(cmd))
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)  # a finished run returns at once, a cut one resumes
     return run_dir, cmd, time.perf_counter() - start
+
+
+def shown(cmd) -> str:
+    """A command line as recorded: paths inside the repository relative to it."""
+    return " ".join(["python"] + [os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a for a in cmd[1:]])
 
 
 def one_run(key, name, train, dev, test, variant, args, results, log) -> None:
@@ -97,7 +102,7 @@ def one_run(key, name, train, dev, test, variant, args, results, log) -> None:
     pre = None
     if variant == "pretrained":
         run_dir, cmd, seconds = pretrain([e.text for e in train], name, args, log)
-        make_lm, pre = (lambda _train: load(run_dir)), {"command": " ".join(cmd[1:]), "seconds": seconds}
+        make_lm, pre = (lambda _train: load(run_dir)), {"command": shown(cmd), "seconds": seconds}
     else:
         make_lm = partial(scratch_lm, n_layer=args.n_layer, n_embd=args.n_embd)
     log(f"{key}: {len(train)} train, {len(dev)} dev, {len(test)} test")
@@ -119,13 +124,14 @@ def summarize(results, args) -> None:
                 table[f"{task}/{variant}"] = {
                     "accuracy": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                     "macro_f1": statistics.fmean(100 * r["macro_f1"] for r in runs), "runs": len(runs),
-                    "of": n, "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
+                    "of": n, "epochs": runs[0]["epochs"],
+                    "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
                     "firing_rate_all": statistics.fmean(r["firing_rates"].get("all", 0.0) for r in runs)}
     results["table"] = table
     atomic_write_json(args.out, results)
     lines = [f"Sentence classification, {results['device']}, torch {results['torch']}; "
-             f"model {args.n_layer} x {args.n_embd} byte-level SpikeGPT, max-len {args.max_len}, "
-             f"{args.epochs} epochs; test accuracy at the best dev epoch (%).", "",
+             f"model {args.n_layer} x {args.n_embd} byte-level SpikeGPT, max-len {args.max_len}; test accuracy "
+             "(%) at the best dev epoch (macro-F1, epochs trained, seconds per fine-tuning run).", "",
              "| model | MR (10-fold CV) | SST-5 |", "|---|---:|---:|"]
 
     def cell(key):
@@ -133,7 +139,8 @@ def summarize(results, args) -> None:
         if row is None:
             return "not run"
         folds = f", {row['runs']}/{row['of']} folds" if row["of"] > 1 else ""
-        return f"{row['accuracy']:.2f} (F1 {row['macro_f1']:.1f}{folds}, {row['seconds_per_run']:.0f} s/run)"
+        return (f"{row['accuracy']:.2f} (F1 {row['macro_f1']:.1f}{folds}, {row['epochs']} ep, "
+                f"{row['seconds_per_run']:.0f} s)")
     lines += [f"| ours, task only | {cell('mr/scratch')} | {cell('sst5/scratch')} |",
               f"| ours, pre-trained on the training sentences | {cell('mr/pretrained')} | {cell('sst5/pretrained')} |"]
     lines += [f"| {name} (published) | {v['mr']} | {v['sst5']} |" for name, v in PUBLISHED.items()]
@@ -152,6 +159,9 @@ def main(argv=None) -> None:
     results = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     results.update(device=f"{platform.machine()} CPU ({os.cpu_count()} cores, shared), {args.threads} torch thread(s)", torch=str(torch.__version__),
                    published=PUBLISHED)
+    if args.report_only:
+        summarize(results, args)
+        return
     if "sst5" in args.tasks:
         sst = [read_examples(data / f"stsa.fine.{s}") for s in ("train", "dev", "test")]
         for variant in args.variants:
