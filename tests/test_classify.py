@@ -223,6 +223,23 @@ def test_cli_cross_validation_subset_of_folds(tmp_path):
     assert res["std"] >= 0 and res["labels"] == ["neg", "pos"] and len(res["best_epoch"]) == 2
 
 
+def test_cli_fine_tunes_one_of_our_language_models(tmp_path, capsys):
+    from spikegpt.checkpoint import save_model
+
+    train, test = _separable(tmp_path)
+    text = "".join(POS + NEG)
+    lm = tiny_lm([Example(text, "", "")], vocab="char", n_layer=1, n_embd=32)
+    save_model(tmp_path / "lm" / "ckpt-00000000.pt", lm)
+    args = ["--train", str(train), "--test", str(test), "--init-from", str(tmp_path / "lm"), "--out-dir",
+            str(tmp_path / "clf"), *SMALL[4:]]
+    assert main(args) == 0
+    clf, ckpt = load_classifier(tmp_path / "clf")
+    assert clf.tokenizer == lm.tokenizer and ckpt["model_config"] == lm.config.to_dict()
+    capsys.readouterr()
+    assert main([*args, "--v-threshold", "0.5"]) == 2  # our checkpoint records its own threshold
+    assert "--reference imports only" in capsys.readouterr().err
+
+
 def test_cli_bad_data_is_one_line(tmp_path, capsys):
     train, test = _separable(tmp_path)
     bad = write(tmp_path / "dev.txt", "1 fine\n3 unseen label\n")

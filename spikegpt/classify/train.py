@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..spikes import firing_rates, record_spikes
 from .data import check_labels, fold_splits, label_set
 from .model import PAD_ID, SentenceClassifier, save_classifier
@@ -124,7 +125,7 @@ def autocast_for(dtype: str, device: torch.device):
     if dtype == "fp32":
         return contextlib.nullcontext
     if dtype == "fp16" and device.type != "cuda":
-        raise ValueError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+        raise UserError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return lambda: torch.autocast(device.type, dtype=half)
 
