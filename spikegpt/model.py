@@ -258,8 +258,22 @@ class SpikeGPT(nn.Module):
         None).  Returns ``logits``, or ``(logits, loss)`` with ``targets``; with ``return_state=True``
         the final state is appended: ``(logits, state)`` or ``(logits, loss, state)``."""
         B, T = idx.shape
+        h, new_state = self.features(idx, state)
+        logits = self.head(h)
+        out = (logits,)
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
+            out += (L2Wrap.apply(loss, logits) if self.training else loss,)
+        if return_state:
+            out += (new_state,)
+        return out[0] if len(out) == 1 else out
+
+    def features(self, idx, state=None):
+        """The model without its head: ``(LN_out(x) (B, T, C), final state)`` for token ids ``idx``,
+        continuing from ``state`` (zero state when None).  Causal: position t depends on tokens <= t
+        only, so right padding never changes the features of the real tokens."""
         if state is None:
-            state = self.initial_state(B, idx.device)
+            state = self.initial_state(idx.shape[0], idx.device)
         x = self.emb(idx)
         if self.config.binary_embedding:
             x = ops.spike(x, self.config.surrogate_alpha)
@@ -267,14 +281,7 @@ class SpikeGPT(nn.Module):
         for block, layer_state in zip(self.blocks, state):
             x, layer_state = block(x, layer_state)
             new_state.append(layer_state)
-        logits = self.head(self.ln_out(x))
-        out = (logits,)
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T))
-            out += (L2Wrap.apply(loss, logits) if self.training else loss,)
-        if return_state:
-            out += (torch.stack(new_state),)
-        return out[0] if len(out) == 1 else out
+        return self.ln_out(x), torch.stack(new_state)
 
     @torch.no_grad()
     def step(self, tokens, state):
