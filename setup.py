@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["spikegpt", "spikegpt.data", "spikegpt.spikify", "spikegpt.cpu", "spikegpt.kernels"],
+    packages=["spikegpt", "spikegpt.data", "spikegpt.spikify", "spikegpt.classify", "spikegpt.cpu", "spikegpt.kernels"],
     package_data={"spikegpt.cpu": ["ops.cpp"]},
     package_dir={"spikegpt": "spikegpt", "spikegpt.kernels": "kernels"},
     install_requires=[

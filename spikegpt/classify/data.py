@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import data
-from ..errors import UserError
 
 FORMATS = ("label-sentence", "tsv", "csv", "pair")
 
 
-class DataError(data.DataError, UserError):
+class DataError(data.DataError):
     """A problem with a classification file; the message names the file, the line and the fix."""
 
 
