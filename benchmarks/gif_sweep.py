@@ -215,9 +215,7 @@ def plot(records: list[dict], out: str) -> None:
             ax.legend(loc="upper right")
     fig.tight_layout()
     from spikegpt.fileio import atomic_write
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=120)
-        atomic_write(out, Path(tmp.name).read_bytes())
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {out}")
 
 
