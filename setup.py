@@ -4,7 +4,7 @@ from pathlib import Path
 from setuptools import setup
 
 here = Path(__file__).parent
-version = next(line.split('"')[1] for line in (here / "spikegpt" / "__init__.py").read_text().splitlines()
+version = next(line.split('"')[1] for line in (here / "spikegpt" / "version.py").read_text().splitlines()
                if line.startswith("__version__"))
 
 setup(
@@ -15,14 +15,13 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["spikegpt", "spikegpt.kernels"],
+    packages=["spikegpt", "spikegpt.data", "spikegpt.kernels"],
     package_dir={"spikegpt": "spikegpt", "spikegpt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24",
         "tokenizers>=0.15",
         "tqdm>=4.60",
-        "safetensors>=0.4",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={

@@ -1,4 +1,5 @@
-"""Recurrent generation speed (issue 4): tokens/s of ``step`` at batch 1 and 16, prompt prefill.
+"""Recurrent generation speed (issues 4, 17): tokens/s of ``step`` at batch 1 and 16, prompt prefill,
+and parity of the recurrent logits with the parallel path.
 
 For each config (random weights): tokens/s of the recurrent step at each batch size, in fp32 and with
 bf16 weights, timed interleaved with three passes over the same weight matrices that do nothing else:
@@ -8,11 +9,19 @@ bf16 weights, timed interleaved with three passes over the same weight matrices 
 * ``decoder matvec``: the step's own matrix products (split over the cores where that is bitwise
   exact, see ``RecurrentDecoder._mats_for``), so ``decoder_matvec_over_step`` is the share of the step
   spent in matrix products, and the rest is per-token overhead;
-* ``read``: ``torch.sum`` of every matrix, the rate at which this machine can stream the weights.
+* ``read``: ``torch.sum`` of one contiguous copy of every weight byte (all threads), the rate at which
+  this machine can read every weight once.  ``reads_per_s`` is its inverse and ``decode_over_read``
+  the step's rate over it (token steps per second over weight reads per second; at batch 1 the
+  issue-17 ratio, whose target is 0.9).
 
 Also the prefill of a long prompt via the parallel path vs. feeding it token by token, and a profile of
-the fp32 batch-1 step (where the time goes).  Results go to
-``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``.
+the fp32 batch-1 step (where the time goes), and last the parity check: each model, its LIF-driving
+matrices scaled up so that its neurons fire (a default-initialised model never reaches the
+threshold), runs ``--parity-tokens`` tokens of 2 sequences through the parallel path (its
+default kernels, and on a GPU also the reference ones) and through the recurrent decoder; the largest
+logit difference must stay within ``PARITY_TOL``.  Results go to
+``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``, or to ``--out PATH`` (JSON, and the
+tables beside it as ``.md``).
 
     python benchmarks/bench_generate.py                       # 45m and 216m, batch 1 and 16
     python benchmarks/bench_generate.py --threads 1           # on a busy machine (see below)
@@ -31,12 +40,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import header, write_result  # noqa: E402
-from spikegpt import ModelConfig, SpikeGPT  # noqa: E402
+from benchmarks.common import header, write_json_md, write_result  # noqa: E402
+from spikegpt import ModelConfig, SpikeGPT, ops  # noqa: E402
 from spikegpt.config import preset  # noqa: E402
 from spikegpt.recurrent import RecurrentDecoder, _mm  # noqa: E402
 
 SMOKE = {"smoke": dict(n_layer=2, n_embd=64, vocab_size=256)}
+# Recurrent vs parallel logits: the products are blocked differently (and the kernels sum in another
+# order), an ulp or so per layer; a flipped spike would move logits by O(1).
+PARITY_TOL = 1e-4
 
 
 def build(name, device):
@@ -82,32 +94,65 @@ def decoder_matvec_pass(decoder, batch, device):
 
 
 def read_pass(mats):
-    """Read every weight once (``torch.sum`` streams at the memory's rate, on all threads)."""
-    def run():
-        for w in mats:
-            w.sum()
-    return run
+    """Read every weight byte once: ``torch.sum`` (all threads) of one contiguous copy of them all, so
+    that no per-matrix call overhead counts."""
+    flat = torch.cat([w.reshape(-1) for w in mats])
+    return lambda: flat.sum()
+
+
+@torch.no_grad()
+def parity(model, device, tokens, batch=2, scale=12.0):
+    """Recurrent vs parallel logits on ``model`` with its LIF-driving matrices scaled by ``scale``
+    (in place: call it last), for the parallel path's default kernels and, on a GPU, the reference's."""
+    for block in model.blocks:
+        block.att.output.weight.mul_(scale)
+        block.ffn.value.weight.mul_(scale)
+    cfg = model.config
+    idx = torch.randint(0, cfg.vocab_size, (batch, tokens), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    decoder = RecurrentDecoder(model)
+    decoder.collect_spikes = True
+    state, steps = model.initial_state(batch), []
+    for t in range(tokens):
+        logits, state = decoder.step(idx[:, t], state)
+        steps.append(logits)
+    recurrent = torch.stack(steps, 1)
+    rate = float(decoder.spike_counts.sum()) / (decoder.spike_steps * 2 * cfg.n_layer * cfg.n_embd)
+    rows = []
+    for kernels in ["auto"] + (["torch"] if device.type == "cuda" else []):
+        with ops.use_backend(kernels):
+            parallel = model(idx)
+        err = (recurrent - parallel).abs()
+        rows.append({"parallel_kernels": kernels, "tokens": tokens, "batch": batch, "lif_scale": scale,
+                     "firing_rate": rate, "max_abs_err": float(err.max()),
+                     "max_abs_logit": float(parallel.abs().max()),
+                     "positions_over_tol": int((err.amax(-1) > PARITY_TOL).sum()),
+                     "argmax_agree": float((recurrent.argmax(-1) == parallel.argmax(-1)).float().mean()),
+                     "tol": PARITY_TOL, "ok": bool(err.max() <= PARITY_TOL)})
+    return rows
+
+
+def seconds(fn, device):
+    """Wall time of one call of ``fn`` (on a GPU, until its kernels have finished)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def interleaved(fns, device, iters):
     """Best-of-``iters`` seconds per call of each function, timed alternately so that all see the
     same machine load (on a shared machine the minimum is the least disturbed run)."""
-    def once(fn):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - t0
-
     for _ in range(2):
         for fn in fns:
             fn()
     best = [float("inf")] * len(fns)
     for _ in range(iters):
         for i, fn in enumerate(fns):
-            best[i] = min(best[i], once(fn))
+            best[i] = min(best[i], seconds(fn, device))
     return best
 
 
@@ -131,21 +176,26 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8, help="timed steps per measurement (best of, interleaved with the bare pass)")
     p.add_argument("--prefill-len", type=int, default=1000)
     p.add_argument("--prefill-configs", default="45m,216m", help="configs that get the prefill comparison")
+    p.add_argument("--parity-tokens", type=int, default=32, help="tokens of the recurrent/parallel parity check")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-bf16", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny sizes (CI smoke test)")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--out", help="JSON path (the tables are written beside it as .md) instead of benchmarks/results/")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
         args.configs, args.prefill_configs, args.prefill_len, args.steps = "smoke", "smoke", 16, 3
+        args.parity_tokens = min(args.parity_tokens, 8)
     device = torch.device(args.device)
-    result = header(device) | {"benchmark": "bench_generate", "smoke": args.smoke, "runs": [], "prefill": []}
+    result = header(device) | {"benchmark": "bench_generate", "smoke": args.smoke, "threads": torch.get_num_threads(),
+                               "runs": [], "prefill": [], "parity": []}
     lines = [f"# bench_generate — {result['device']} — {result['date']} — {result['commit']}", "",
              "Times per step in ms; `x/step` is that pass's time over the step's (1.0: the step costs "
-             "no more than the pass alone); GB/s is weight bytes over step time.", "",
+             "no more than the pass alone); GB/s is weight bytes over step time; read/step is the "
+             "step's rate over the rate of reading every weight once (token steps/s over reads/s).", "",
              "| config | weights | batch | step | tokens/s | bare mm | bare/step | decoder matvec | "
              "matvec/step | read | read/step | GB/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -174,7 +224,7 @@ def main(argv=None):
                            "step_ms": t_step * 1e3, "tokens_per_s": batch / t_step,
                            "bare_matvec_ms": t_bare * 1e3, "bare_over_step": t_bare / t_step,
                            "decoder_matvec_ms": t_mv * 1e3, "decoder_matvec_over_step": t_mv / t_step,
-                           "read_ms": t_read * 1e3, "read_over_step": t_read / t_step,
+                           "read_ms": t_read * 1e3, "reads_per_s": 1 / t_read, "decode_over_read": t_read / t_step,
                            "split_products": sum(len(m) > 1 for m in decoder._mats_for(batch)),
                            "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9}
                     if label == "fp32" and batch == 1:
@@ -184,25 +234,29 @@ def main(argv=None):
                                  f"{run['tokens_per_s']:.1f} | {run['bare_matvec_ms']:.2f} | "
                                  f"{run['bare_over_step']:.2f} | {run['decoder_matvec_ms']:.2f} | "
                                  f"{run['decoder_matvec_over_step']:.2f} | {run['read_ms']:.2f} | "
-                                 f"{run['read_over_step']:.2f} | {run['step_GBps']:.1f} |")
+                                 f"{run['decode_over_read']:.2f} | {run['step_GBps']:.1f} |")
                     print(lines[-1], flush=True)
             if name in args.prefill_configs.split(","):
                 T = args.prefill_len
                 idx = torch.randint(0, model.config.vocab_size, (1, T), device=device)
                 model(idx[:, :16], return_state=True)  # warm-up
-                t0 = time.perf_counter()
-                model(idx, return_state=True)
-                t_par = time.perf_counter() - t0
-                state = model.initial_state(1)
-                t0 = time.perf_counter()
-                for t in range(T):
-                    _, state = model.step(idx[:, t], state)
-                t_seq = time.perf_counter() - t0
+                t_par = seconds(lambda: model(idx, return_state=True), device)
+
+                def token_by_token():
+                    state = model.initial_state(1)
+                    for t in range(T):
+                        _, state = model.step(idx[:, t], state)
+                t_seq = seconds(token_by_token, device)
                 pre = {"config": name, "prompt_tokens": T, "parallel_s": t_par, "token_by_token_s": t_seq,
                        "speedup": t_seq / t_par}
                 result["prefill"].append(pre)
                 print(f"prefill {name} {T} tokens: parallel {t_par:.2f} s, token by token {t_seq:.2f} s "
                       f"({pre['speedup']:.1f}x)", flush=True)
+            for row in parity(model, device, args.parity_tokens):
+                result["parity"].append({"config": name, **row})
+                print(f"parity {name} (parallel kernels {row['parallel_kernels']}): max |logit diff| "
+                      f"{row['max_abs_err']:.2e} (tol {PARITY_TOL:g}), firing rate {row['firing_rate']:.2f}",
+                      flush=True)
         del model
     scaling = {}
     for run in result["runs"]:
@@ -212,18 +266,28 @@ def main(argv=None):
     if result["batch_scaling"]:
         lines += ["", "Tokens/s over batch 1's: " + ", ".join(
             f"{r['config']} {r['weights']} batch {r['batch']} {r['over_batch_1']:.2f}x" for r in result["batch_scaling"])]
+    lines += ["", "Batch-1 decoding over the rate of reading every weight once (issue 17, target 0.9): " + ", ".join(
+        f"{r['config']} {r['weights']} {r['tokens_per_s']:.1f} tokens/s vs {r['reads_per_s']:.0f} reads/s = "
+        f"{r['decode_over_read']:.2f}" for r in result["runs"] if r["batch"] == 1)]
     lines += ["", "| config | prompt tokens | parallel s | token-by-token s | speedup |", "|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['prompt_tokens']} | {r['parallel_s']:.2f} | {r['token_by_token_s']:.2f} | "
               f"{r['speedup']:.1f}x |" for r in result["prefill"]]
+    lines += ["", "Recurrent vs parallel logits (LIF-driving matrices scaled so that neurons fire):", "",
+              "| config | parallel kernels | tokens x batch | firing rate | max abs diff | max abs logit | "
+              "argmax agree | within tol |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['parallel_kernels']} | {r['tokens']} x {r['batch']} | {r['firing_rate']:.2f} | "
+              f"{r['max_abs_err']:.2e} | {r['max_abs_logit']:.1f} | {r['argmax_agree']:.3f} | "
+              f"{'yes' if r['ok'] else 'NO'} (tol {r['tol']:g}) |" for r in result["parity"]]
     for run in result["runs"]:
         if "profile" in run:
             lines += ["", f"Profile, {run['config']} fp32 batch 1 ({run['profile']['ops_per_step']} aten ops "
                       "per step): " + ", ".join(f"{o['op']} {o['self_pct']}%" for o in run["profile"]["top_ops"])]
-    if not args.no_write:
-        path = write_result("bench_generate", result, "\n".join(lines))
-        print(f"wrote {path}")
+    if args.out:
+        print(f"wrote {write_json_md(args.out, result, chr(10).join(lines))}")
+    elif not args.no_write:
+        print(f"wrote {write_result('bench_generate', result, chr(10).join(lines))}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if all(r["ok"] for r in main()["parity"]) else 1)

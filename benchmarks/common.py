@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -11,13 +10,16 @@ from pathlib import Path
 
 import torch
 
+from spikegpt.fileio import atomic_write_json, atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def git_commit() -> str:
+def git_commit(short: bool = True) -> str:
+    """The checkout's HEAD (abbreviated unless ``short=False``), or ``"unknown"`` outside git."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        return subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -54,10 +56,14 @@ def timeit(fn, device: torch.device, warmup: int = 3, iters: int = 10, min_secon
     return times[len(times) // 2]
 
 
-def write_result(name: str, result: dict, markdown: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = f"{name}-{result['date'][:10]}-{result['commit']}"
-    path = RESULTS / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown + "\n")
+def write_json_md(path: str | os.PathLike[str], result: dict, markdown: str) -> Path:
+    """``result`` as JSON at ``path`` and ``markdown`` beside it (same stem, ``.md``), atomically."""
+    path = Path(path)
+    atomic_write_json(path, result)
+    atomic_write_text(path.with_suffix(".md"), markdown + "\n")
     return path
+
+
+def write_result(name: str, result: dict, markdown: str) -> Path:
+    """``benchmarks/results/NAME-DATE-COMMIT.{json,md}``."""
+    return write_json_md(RESULTS / f"{name}-{result['date'][:10]}-{result['commit']}.json", result, markdown)

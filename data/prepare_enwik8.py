@@ -40,6 +40,8 @@ except ImportError:  # running from a checkout: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spikegpt.data import DataError, format_summary, prepare_splits  # noqa: E402
+from spikegpt.cli import positive_float, positive_int, new_parser, run_cli  # noqa: E402
+from spikegpt.fileio import atomic_write  # noqa: E402
 
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_SIZE = 100_000_000
@@ -89,28 +91,23 @@ def read_enwik8(path: str | os.PathLike[str], expected_size: int = ENWIK8_SIZE) 
 
 
 def download(url: str, dest: Path, timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` (via a temporary file). Raises DataError with the fix on failure."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    """Download ``url`` to ``dest`` (atomically: nothing is left behind on failure). Raises DataError
+    with the fix on failure."""
     print(f"downloading {url} -> {dest} ...", flush=True)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f, length=1 << 20)
-        os.replace(tmp, dest)
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            atomic_write(dest, lambda f: shutil.copyfileobj(r, f, length=1 << 20))
     except (TimeoutError, urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise DataError(
             f"could not download {url} ({reason}). Download enwik8.zip on a machine with network access and "
             f"pass it with --input PATH/enwik8.zip (or the unzipped 100,000,000-byte enwik8 file)"
         ) from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Prepare enwik8 (90M/5M/5M bytes train/val/test) for spikegpt.")
+    p = new_parser("data/prepare_enwik8.py", "Prepare enwik8 (90M/5M/5M bytes train/val/test) for spikegpt.")
     p.add_argument("--input", help="enwik8.zip or the raw enwik8 file (default: download it to data/enwik8.zip)")
     p.add_argument("--vocab", choices=("byte", "char"), default="byte",
                    help="byte: 256 byte ids (default; standard BPC); char: Unicode characters of the train "
@@ -122,39 +119,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing dataset in --out that was prepared from different inputs")
     # Hidden options for tests and mirrors.
     p.add_argument("--url", default=ENWIK8_URL, help=argparse.SUPPRESS)
-    p.add_argument("--timeout", type=float, default=60.0, help=argparse.SUPPRESS)
-    p.add_argument("--expected-size", type=int, default=ENWIK8_SIZE, help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=positive_float, default=60.0, help=argparse.SUPPRESS)
+    p.add_argument("--expected-size", type=positive_int, default=ENWIK8_SIZE, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_cli(build_parser(), prepare, argv)
+
+
+def prepare(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else DATA_DIR / f"enwik8-{args.vocab}"
-    try:
-        if args.input:
-            src = Path(args.input)
+    if args.input:
+        src = Path(args.input)
+    else:
+        src = (Path(args.download_dir) if args.download_dir else DATA_DIR) / "enwik8.zip"
+        if src.is_file():
+            print(f"using the earlier download {src}")
         else:
-            src = (Path(args.download_dir) if args.download_dir else DATA_DIR) / "enwik8.zip"
-            if src.is_file():
-                print(f"using the earlier download {src}")
-            else:
-                download(args.url, src, timeout=args.timeout)
-        data = read_enwik8(src, expected_size=args.expected_size)
-        standard = args.expected_size == ENWIK8_SIZE
-        meta = prepare_splits(
-            data, out, args.vocab,
-            split_sizes=enwik8_split_sizes(len(data)),
-            utf8_errors="surrogateescape",
-            source=("enwik8 (first 10^8 bytes of a 2006 English Wikipedia XML dump), "
-                    "split 90M/5M/5M bytes" if standard else
-                    f"enwik8-format file of {len(data):,} bytes (non-standard size), split 90%/5%/5%"),
-            overwrite=args.overwrite,
-            extra_meta={"dataset": "enwik8" if standard else "enwik8-test-size"},
-            log=print,
-        )
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+            download(args.url, src, timeout=args.timeout)
+    data = read_enwik8(src, expected_size=args.expected_size)
+    standard = args.expected_size == ENWIK8_SIZE
+    meta = prepare_splits(
+        data, out, args.vocab,
+        split_sizes=enwik8_split_sizes(len(data)),
+        utf8_errors="surrogateescape",
+        source=("enwik8 (first 10^8 bytes of a 2006 English Wikipedia XML dump), "
+                "split 90M/5M/5M bytes" if standard else
+                f"enwik8-format file of {len(data):,} bytes (non-standard size), split 90%/5%/5%"),
+        overwrite=args.overwrite,
+        extra_meta={"dataset": "enwik8" if standard else "enwik8-test-size"},
+        log=print,
+        inputs=[src],
+    )
     print(format_summary(meta, os.fspath(out)))
     return 0
 

@@ -30,6 +30,7 @@ except ImportError:  # running from a checkout: make the repository root importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from spikegpt.data import DataError, format_summary, prepare_splits  # noqa: E402
+from spikegpt.cli import new_parser, run_cli  # noqa: E402
 from spikegpt.metrics import count_lines, count_words  # noqa: E402
 
 #: Accepted file names per split, in order of preference.
@@ -73,7 +74,7 @@ def prepare_wikitext(input_dir: str | os.PathLike[str], out_dir: str | os.PathLi
     return prepare_splits(
         data, out_dir, vocab, tokenizer=tokenizer, split_sizes=sizes,
         source=f"WikiText raw release ({', '.join(p.name for p in files.values())})",
-        overwrite=overwrite, log=log, split_extra=split_extra,
+        overwrite=overwrite, log=log, split_extra=split_extra, inputs=list(files.values()),
         extra_meta={"word_rule": "words = len(raw_bytes.split()) (runs of non-whitespace, ASCII whitespace); "
                                  "lines = newline count (+1 for an unterminated last line); "
                                  "words + lines = the <eos>-inclusive word-level count"},
@@ -81,7 +82,7 @@ def prepare_wikitext(input_dir: str | os.PathLike[str], out_dir: str | os.PathLi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Tokenise WikiText-2/103 (raw) into a spikegpt dataset with word counts.")
+    p = new_parser("data/prepare_wikitext.py", "Tokenise WikiText-2/103 (raw) into a spikegpt dataset with word counts.")
     p.add_argument("--input", required=True, help="directory with wiki.train.raw, wiki.valid.raw, wiki.test.raw")
     p.add_argument("--out", required=True, help="output dataset directory")
     g = p.add_mutually_exclusive_group(required=True)
@@ -91,16 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        meta = prepare_wikitext(args.input, args.out, vocab=args.vocab or "bpe", tokenizer=args.tokenizer,
-                                overwrite=args.overwrite)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def prepare(args: argparse.Namespace) -> int:
+    meta = prepare_wikitext(args.input, args.out, vocab=args.vocab or "bpe", tokenizer=args.tokenizer,
+                            overwrite=args.overwrite)
     print(format_summary(meta, os.fspath(args.out)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(build_parser(), prepare, argv)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,10 @@ try:
 except ImportError:  # running from a checkout: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from spikegpt.corpus import find_inputs, iter_documents  # noqa: E402
-from spikegpt.data import DataError, _atomic_write_text  # noqa: E402
+from spikegpt.data import DataError, find_inputs, iter_documents  # noqa: E402
+from spikegpt.cli import nonneg_int, positive_int, new_parser, run_cli  # noqa: E402
+from spikegpt.data.writer import check_output_file  # noqa: E402
+from spikegpt.fileio import atomic_write_text  # noqa: E402
 from spikegpt.tokenizer import EOT_TOKEN, train_bpe  # noqa: E402
 
 #: Long documents (whole .txt files) are fed to the trainer in pieces of about this many characters,
@@ -34,9 +36,10 @@ from spikegpt.tokenizer import EOT_TOKEN, train_bpe  # noqa: E402
 _PIECE_CHARS = 1 << 20
 
 
-def iter_training_texts(paths: list[str]) -> Iterator[str]:
-    """The texts the trainer sees, in a deterministic order (long documents in newline-cut pieces)."""
-    for path, _name in find_inputs(paths):
+def iter_training_texts(files: list[tuple[Path, str]]) -> Iterator[str]:
+    """The texts the trainer sees (``files`` from :func:`find_inputs`), in a deterministic order (long
+    documents in newline-cut pieces)."""
+    for path, _name in files:
         for doc in iter_documents(path):
             start = 0
             while len(doc) - start > _PIECE_CHARS:
@@ -50,12 +53,13 @@ def iter_training_texts(paths: list[str]) -> Iterator[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a byte-level BPE tokenizer.json on .txt/.jsonl/.jsonl.zst files.")
+    p = new_parser("data/train_tokenizer.py", "Train a byte-level BPE tokenizer.json on .txt/.jsonl/.jsonl.zst files.")
     p.add_argument("--input", nargs="+", required=True, help="input files and/or directories")
-    p.add_argument("--vocab-size", type=int, required=True,
+    p.add_argument("--vocab-size", type=positive_int, required=True,
                    help="total vocabulary size (special tokens + 256 bytes + merges)")
     p.add_argument("--out", required=True, help="output tokenizer.json")
-    p.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (never an input)")
+    p.add_argument("--min-frequency", type=nonneg_int, default=2, help="minimum pair count for a merge (default 2)")
     p.add_argument("--special", action="append", default=None,
                    help=f"special token (repeatable; default {EOT_TOKEN}); the first gets id 0. "
                         f"{EOT_TOKEN} is always included, since the data scripts append it after documents")
@@ -63,20 +67,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_cli(build_parser(), train, argv)
+
+
+def train(args: argparse.Namespace) -> int:
     special = args.special or [EOT_TOKEN]
     if EOT_TOKEN not in special:
         special = special + [EOT_TOKEN]
-    try:
-        tok = train_bpe(iter_training_texts(args.input), args.vocab_size, min_frequency=args.min_frequency,
-                        special_tokens=special)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    files = find_inputs(args.input)
     out = Path(args.out)
-    if out.parent != Path(""):
-        out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out, tok.json_str)
+    check_output_file(out, inputs=[p for p, _ in files], overwrite=args.overwrite)
+    try:
+        tok = train_bpe(iter_training_texts(files), args.vocab_size, min_frequency=args.min_frequency,
+                        special_tokens=special)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    atomic_write_text(out, tok.json_str)
     print(f"wrote {os.fspath(out)}: vocab {tok.vocab_size:,} ids, {EOT_TOKEN} = id {tok.eot_id}, "
           f"sha256 {tok.sha256[:16]}")
     return 0

@@ -2,7 +2,7 @@
 from .config import ModelConfig, TrainConfig, PRESETS
 from .model import SpikeGPT
 from .checkpoint import load, from_reference, CheckpointError
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["ModelConfig", "TrainConfig", "PRESETS", "SpikeGPT", "load", "from_reference", "CheckpointError",
            "__version__"]

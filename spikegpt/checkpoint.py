@@ -22,20 +22,21 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .errors import UserError
 from .fileio import atomic_write
 from .model import SpikeGPT
+from .version import __version__
 
 FORMAT = "spikegpt-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"^ckpt-(\d{8,})\.pt$")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
 def versions() -> dict:
-    from . import __version__
     return {"spikegpt": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
@@ -58,8 +59,14 @@ def latest_checkpoint(out_dir) -> Path | None:
 
 
 def atomic_save(obj, path) -> None:
-    """``torch.save`` to ``path`` atomically (:func:`spikegpt.fileio.atomic_write`)."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """``torch.save`` to ``path`` atomically (:func:`spikegpt.fileio.atomic_write`); a full disk or a
+    read-only directory is a :class:`CheckpointError` naming the path, earlier files intact."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise CheckpointError(f"cannot write {path}: {cause}; free disk space or pass a writable location "
+                              "(earlier checkpoints are intact)") from None
 
 
 def prune_checkpoints(out_dir, keep: int) -> None:
@@ -83,6 +90,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         path = newest
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: pass a ckpt-*.pt file or a run directory")
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+    if not is_zip:
+        raise CheckpointError(f"{path} is not a checkpoint (not a file written by torch.save); pass a "
+                              "ckpt-*.pt file or a run directory")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, foreign objects...
@@ -99,6 +111,10 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     if ckpt.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {ckpt['version']}, newer than this "
                               f"spikegpt understands ({VERSION}): upgrade spikegpt")
+    missing = [k for k in ("model_config", "model") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path} is a spikegpt checkpoint without {' and '.join(missing)}: it is "
+                              "damaged; pass another checkpoint")
     ckpt["path"] = str(path)
     return ckpt
 
@@ -106,9 +122,18 @@ def read_checkpoint(path, map_location="cpu") -> dict:
 def model_from_checkpoint(ckpt: dict, device="cpu") -> SpikeGPT:
     from .tokenizer import tokenizer_from_dict
 
-    config = ModelConfig.from_dict(ckpt["model_config"])
+    source = ckpt.get("path", "the checkpoint")
+    try:
+        config = ModelConfig.from_dict(ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{source} has an unusable model config ({e}); pass another checkpoint") from None
     model = SpikeGPT(config)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing/unexpected keys or a tensor of the wrong shape
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise CheckpointError(f"{source}: its tensors do not fit its config ({detail[:300]}); the file is "
+                              "damaged or was edited: pass another checkpoint") from None
     model.tokenizer = tokenizer_from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     return model.to(device).eval()
 
@@ -141,40 +166,32 @@ def load_any(ckpt=None, reference=None, reference_config=None, device="cpu", **c
     return from_reference(reference, config).to(device)
 
 
-def add_model_args(parser) -> None:
-    """The flags that name a model on a command line (``--ckpt`` or ``--reference`` with its config,
-    and the two settings a reference checkpoint does not record); read them with :func:`load_args`."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--ckpt", help="our checkpoint file or run directory (its newest checkpoint)")
-    g.add_argument("--reference", metavar="PTH", help="a reference SpikeGPT state dict (.pth) instead of --ckpt")
-    g.add_argument("--reference-config", metavar="JSON",
-                   help="the reference model's config JSON (vocab_size, n_layer, n_embd, ...)")
-    g.add_argument("--binary-embedding", dest="binary_embedding", action="store_true", default=None,
-                   help="reference import: binarise the embedding, x = H(E[idx]) (our default)")
-    g.add_argument("--no-binary-embedding", dest="binary_embedding", action="store_false",
-                   help="reference import: feed E[idx] itself")
-    g.add_argument("--v-threshold", type=float, default=None, help="reference import: LIF threshold (default 1.0)")
+def build_checkpoint(model: SpikeGPT, tokenizer=None, *, train_config: dict | None = None, optimizer=None,
+                     step: int = 0, tokens_seen: int = 0, rng: dict | None = None, sampler: dict | None = None,
+                     data: dict | None = None, metrics: dict | None = None, extra: dict | None = None) -> dict:
+    """The checkpoint dict (the module docstring lists its keys); the one place that assembles one.
 
-
-def load_args(args, device="cpu") -> SpikeGPT:
-    """The model that :func:`add_model_args`'s flags name."""
-    return load_any(args.ckpt, args.reference, args.reference_config, device,
-                    binary_embedding=args.binary_embedding, v_threshold=args.v_threshold)
+    The tokenizer is stored once, under ``tokenizer``: a dataset's ``meta`` given in ``data`` is kept
+    without its copy of the tokenizer."""
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if data is not None and isinstance(data.get("meta"), dict):
+        data = {**data, "meta": {k: v for k, v in data["meta"].items() if k != "tokenizer"}}
+    ckpt = {
+        "format": FORMAT, "version": VERSION,
+        "model_config": model.config.to_dict(), "train_config": train_config,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": step, "tokens_seen": tokens_seen, "rng": rng, "sampler": sampler,
+        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
+        "data": data, "metrics": metrics, "versions": versions(),
+    }
+    ckpt.update(extra or {})
+    return ckpt
 
 
 def save_model(path, model: SpikeGPT, tokenizer=None, extra: dict | None = None) -> None:
     """Write a model-only checkpoint (no optimizer), e.g. a converted reference model."""
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    ckpt = {
-        "format": FORMAT, "version": VERSION,
-        "model_config": model.config.to_dict(), "train_config": None,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": None, "step": 0, "tokens_seen": 0, "rng": None, "sampler": None,
-        "tokenizer": tokenizer.to_dict() if tokenizer is not None else None,
-        "data": None, "metrics": None, "versions": versions(),
-    }
-    ckpt.update(extra or {})
-    atomic_save(ckpt, path)
+    atomic_save(build_checkpoint(model, tokenizer, extra=extra), path)
 
 
 def from_reference(pth_path, config) -> SpikeGPT:

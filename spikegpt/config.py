@@ -16,7 +16,7 @@ GIF_DEFAULTS = dict(levels=2, polarity="bipolar", reset="soft", surrogate="atan"
 
 @dataclass
 class ModelConfig:
-    """The architecture (DESIGN §1).  Defaults are the reference implementation's."""
+    """The architecture (docs/model.md §1).  Defaults are the reference implementation's."""
 
     vocab_size: int = 256
     n_layer: int = 4
@@ -30,8 +30,7 @@ class ModelConfig:
     surrogate_alpha: float = 2.0  # width of the arctan surrogate gradient
     binary_embedding: bool = True  # x = H(E[idx]); False feeds E[idx] itself
     spiking: bool = True  # False replaces every LIF by the identity (the plain RWKV twin)
-    init: str = "reference"  # "reference": PyTorch default init except the time parameters
-    # The neuron of both branches: "lif" (binary, DESIGN §1), "gif" (multi-level integrate-and-fire,
+    # The neuron of both branches: "lif" (binary, docs/model.md §3), "gif" (multi-level integrate-and-fire,
     # SpikeLLM) or "quant" (the GIF quantizer with no membrane carried between tokens, a control).
     # The GIF fields stay None for "lif"; for "gif"/"quant" None means GIF_DEFAULTS.
     neuron: str = "lif"
@@ -47,8 +46,6 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.tau <= 0:
             raise ValueError(f"ModelConfig.tau must be > 0, got {self.tau}")
-        if self.init not in ("reference",):
-            raise ValueError(f"ModelConfig.init must be 'reference', got {self.init!r}")
         self._resolve_neuron()
 
     def _resolve_neuron(self):
@@ -86,6 +83,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        # Older checkpoints record init="reference", then the only initialisation there was.
+        d = {k: v for k, v in d.items() if not (k == "init" and v == "reference")}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -113,7 +112,7 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        """``2VC + L(13C^2 + 11C) + 4C`` for ffn_mult 4 (DESIGN §1); general in ffn_mult."""
+        """``2VC + L(13C^2 + 11C) + 4C`` for ffn_mult 4 (docs/model.md §1); general in ffn_mult."""
         C, V, L, F = self.n_embd, self.vocab_size, self.n_layer, self.ffn_mult * self.n_embd
         per_layer = 5 * C * C + 2 * C * F + 11 * C  # 4 C^2 TimeMix + C^2 + 2CF ChannelMix; 11C vectors
         thresholds = 2 * L if self.learn_threshold else 0  # one per neuron branch
@@ -122,7 +121,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, schedule, evaluation and bookkeeping (DESIGN §5 defaults)."""
+    """Optimisation, schedule, evaluation and bookkeeping (the reference implementation's defaults)."""
 
     batch_size: int = 12
     grad_accum: int = 1

@@ -12,8 +12,10 @@ character, token and word perplexity) are :func:`spikegpt.metrics.unit_metrics`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
+import time
 
 import numpy as np
 import torch
@@ -69,61 +71,61 @@ def evaluate_tokens(model, tokens, window: int, carry_state: bool = True, stream
             "window": window, "streams": total_streams, "carry_state": carry_state}
 
 
-def main(argv=None) -> int:
-    """``python -m spikegpt.evaluate``: evaluate a checkpoint on a prepared split."""
-    import argparse
-    import json
-    import sys
-    import time
-    from pathlib import Path
-
-    from . import ops
-    from .checkpoint import CheckpointError, add_model_args, load_args
-    from .config import resolve_device
-    from .data import DataError, load_meta, open_split
-    from .metrics import unit_metrics
-
-    p = argparse.ArgumentParser(prog="python -m spikegpt.evaluate", description=main.__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
+def build_parser():
+    from . import cli
+    p = cli.new_parser("python -m spikegpt.evaluate", "Evaluate a checkpoint on a prepared split.")
+    cli.add_model_args(p)
     p.add_argument("--data-dir", required=True, help="prepared dataset (data/prepare_*.py)")
-    p.add_argument("--split", default="val", help="split to evaluate (val, test; 'valid' means val)")
-    p.add_argument("--window", type=int, default=None, help="tokens per forward pass (default: the "
-                   "model's ctx_len); windows are consecutive and non-overlapping (stride = window)")
+    cli.add_split_arg(p, help="split to evaluate")
+    p.add_argument("--window", type=cli.positive_int, default=None, help="tokens per forward pass (default: "
+                   "the model's ctx_len); windows are consecutive and non-overlapping (stride = window)")
     p.add_argument("--carry-state", action=argparse.BooleanOptionalAction, default=True,
                    help="carry the recurrent state from window to window")
-    p.add_argument("--streams", type=int, default=8, help="contiguous parts evaluated side by side")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
-    p.add_argument("--kernels", default="auto", choices=list(ops.BACKENDS), help="WKV/LIF implementation")
-    p.add_argument("--json", dest="json_out", help="also write the result as JSON to this file")
-    args = p.parse_args(argv)
-    try:
-        ops.set_backend(args.kernels)
-        device = resolve_device(args.device)
-        model = load_args(args, device)
-        split = "val" if args.split == "valid" else args.split
-        meta = load_meta(args.data_dir)
-        tokens = open_split(args.data_dir, split, meta, model.config.vocab_size)
-        window = args.window or model.config.ctx_len
-        start = time.perf_counter()
-        result = evaluate_tokens(model, tokens, window, args.carry_state, args.streams, args.max_tokens, device)
-        result.update(unit_metrics(result["nll_sum"], result["predicted_tokens"], meta["splits"][split]))
-        result.update(split=split, data_dir=str(args.data_dir),
-                      vocab_kind=meta["vocab_kind"], seconds=time.perf_counter() - start,
-                      context=("unbounded (state carried across windows)" if args.carry_state
-                               else f"{window} tokens (state reset every window)"), stride=window)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    p.add_argument("--streams", type=cli.positive_int, default=8, help="contiguous parts evaluated side by side")
+    p.add_argument("--max-tokens", type=cli.positive_int, default=None, help="evaluate only the first N tokens")
+    cli.add_device_arg(p)
+    cli.add_kernels_arg(p)
+    cli.add_threads_arg(p)
+    cli.add_json_arg(p)
+    return p
+
+
+def run(args) -> dict:
+    from . import cli
+    from .data import load_meta, open_split
+    from .metrics import unit_metrics
+
+    device = cli.setup_runtime(args)
+    model = cli.load_model(args, device, need_tokenizer=False)
+    meta = load_meta(args.data_dir)
+    cli.check_data_matches(model, meta, args.data_dir)
+    split = args.split
+    tokens = open_split(args.data_dir, split, meta, model.config.vocab_size)
+    window = args.window or model.config.ctx_len
+    start = time.perf_counter()
+    if len(tokens) < 2:
+        raise cli.UserError(f"the {split} split of {args.data_dir} has {len(tokens)} token(s); evaluating needs "
+                            "at least 2: prepare more text")
+    result = evaluate_tokens(model, tokens, window, args.carry_state, args.streams, args.max_tokens, device)
+    result.update(unit_metrics(result["nll_sum"], result["predicted_tokens"], meta["splits"][split]))
+    result.update(split=split, data_dir=str(args.data_dir),
+                  vocab_kind=meta["vocab_kind"], seconds=time.perf_counter() - start,
+                  context=("unbounded (state carried across windows)" if args.carry_state
+                           else f"{window} tokens (state reset every window)"), stride=window)
     for key in ("loss", "bits_per_token", "bits_per_byte", "bits_per_char", "token_ppl", "word_ppl"):
         if key in result:
             print(f"{key:>17}: {result[key]:.4f}")
     print(f"{'tokens':>17}: {result['predicted_tokens']:,} of split {split!r} ({meta['vocab_kind']} vocab)")
     print(f"{'context':>17}: {result['context']}; window {window}, stride {window}, {result['streams']} streams")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+        cli.write_json(args.json_out, result)
+    return result
+
+
+def main(argv=None) -> int:
+    """``python -m spikegpt.evaluate``: evaluate a checkpoint on a prepared split."""
+    from .cli import run_cli
+    return run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .checkpoint import add_model_args
+from . import cli
 
-__all__ = ["generate", "filter_logits", "sample_next", "StreamDecoder", "start_token", "main",
-           "truncate_at_stop"]
+__all__ = ["generate", "GenerationInterrupted", "filter_logits", "sample_next", "StreamDecoder", "start_token",
+           "main", "truncate_at_stop"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +167,14 @@ def _unwrap(model):
     return getattr(model, "module", model)  # DDP
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`generate`; ``samples`` holds the ids generated until then."""
+
+    def __init__(self, samples: list[list[int]]):
+        super().__init__("generation interrupted")
+        self.samples = samples
+
+
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, generator: torch.Generator | None = None, stop=None,
@@ -202,19 +209,22 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
         out = [[] for _ in range(num_samples)]
         streams = [_TextStream(tokenizer, stop) for _ in range(num_samples)] if (stop or on_text) else None
         done = [False] * num_samples
-        for n in range(max_new_tokens):
-            tokens = sample_next(logits, temperature, top_k, top_p, generator)
-            for b, t in enumerate(tokens.tolist()):
-                if done[b]:
-                    continue
-                out[b].append(t)
-                if streams is not None:
-                    piece, done[b] = streams[b].push(t)
-                    if on_text is not None and piece:
-                        on_text(b, piece)
-            if all(done) or n == max_new_tokens - 1:
-                break
-            logits, state = step(tokens.to(device), state)
+        try:
+            for n in range(max_new_tokens):
+                tokens = sample_next(logits, temperature, top_k, top_p, generator)
+                for b, t in enumerate(tokens.tolist()):
+                    if done[b]:
+                        continue
+                    out[b].append(t)
+                    if streams is not None:
+                        piece, done[b] = streams[b].push(t)
+                        if on_text is not None and piece:
+                            on_text(b, piece)
+                if all(done) or n == max_new_tokens - 1:
+                    break
+                logits, state = step(tokens.to(device), state)
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(out) from None
         if on_text is not None:
             for b in range(num_samples):
                 if not done[b] and (rest := streams[b].flush()):
@@ -228,115 +238,60 @@ def generate(model, prompt_ids, max_new_tokens: int, temperature: float = 1.0, t
 # Command line
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="generate.py", description="Sample text from a SpikeGPT checkpoint (recurrent mode).",
+    p = cli.new_parser(
+        "generate.py", "Sample text from a SpikeGPT checkpoint (recurrent mode).",
         epilog="An empty prompt starts from the start token: <|endoftext|> if the vocabulary has one, "
                "else '\\n' for bytes, id 0 for chars.")
-    add_model_args(p)
-    src = p.add_argument_group("tokenizer")
-    src.add_argument("--tokenizer", help="override the checkpoint's tokenizer: 'byte', a tokenizer.json "
-                                         "(BPE) or a JSON written by Tokenizer.to_dict()")
+    cli.add_model_args(p)
     g = p.add_argument_group("prompt and sampling")
     g.add_argument("--prompt", default=None, help="prompt text (default: empty = start token)")
     g.add_argument("--prompt-file", default=None, help="read the prompt from this file (UTF-8)")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None, help="same seed, same text (on the same machine)")
-    g.add_argument("--num-samples", type=int, default=1, help="samples, generated as one batch")
+    g.add_argument("--max-new-tokens", type=cli.nonneg_int, default=200)
+    g.add_argument("--temperature", type=cli.nonneg_float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=cli.positive_int, default=None)
+    g.add_argument("--top-p", type=cli.probability, default=None)
+    g.add_argument("--seed", type=cli.nonneg_int, default=None, help="same seed, same text (on the same machine)")
+    g.add_argument("--num-samples", type=cli.positive_int, default=1, help="samples, generated as one batch")
     g.add_argument("--stop", action="append", default=[], help="stop a sample at this string (repeatable)")
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default="cpu")
+    cli.add_device_arg(r)
     r.add_argument("--stream", action="store_true", help="print tokens as they are produced")
     r.add_argument("--spike-stats", action="store_true", help="per-layer firing rates of the generated tokens")
-    r.add_argument("--kernels", choices=["auto", "triton", "torch"], default="auto",
-                   help="WKV/LIF implementation of the prefill (spikegpt.ops backends)")
+    cli.add_kernels_arg(r)
     r.add_argument("--bf16-weights", action="store_true",
                    help="decode with bf16 copies of the weight matrices (faster on CPU; approximate)")
     r.add_argument("--exact-batches", action="store_true",
                    help="--num-samples > 1 on a CPU: use the parallel path's own BLAS products (bitwise "
                         "equal to it on one token, slower) instead of oneDNN's")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    cli.add_threads_arg(r)
     return p
-
-
-class UsageError(Exception):
-    pass
-
-
-def load_tokenizer(spec: str):
-    from .tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_dict
-    if spec == "byte":
-        return ByteTokenizer()
-    path = Path(spec)
-    if not path.is_file():
-        raise UsageError(f"tokenizer {spec} not found: pass 'byte' or a tokenizer JSON file")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise UsageError(f"tokenizer {spec} is not JSON ({e})") from None
-    if isinstance(d, dict) and "kind" in d and "model" not in d:
-        return tokenizer_from_dict(d)
-    return BPETokenizer(path)
-
-
-def load_model(args):
-    from .checkpoint import CheckpointError, load_args
-    try:
-        model = load_args(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        raise UsageError(str(e)) from None
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
-    if tokenizer is None:
-        if model.config.vocab_size != 256:
-            raise UsageError(f"the model (vocab {model.config.vocab_size}) has no tokenizer: pass --tokenizer")
-        from .tokenizer import ByteTokenizer
-        tokenizer = ByteTokenizer()
-    if tokenizer.vocab_size != model.config.vocab_size:
-        raise UsageError(f"tokenizer vocabulary ({tokenizer.vocab_size}) does not match the model's "
-                         f"({model.config.vocab_size}): pass the tokenizer the model was trained with")
-    return model, tokenizer
 
 
 def _encode_prompt(tokenizer, text: str) -> list[int]:
     try:
         return list(tokenizer.encode(text))
-    except ValueError as e:
-        raise UsageError(f"the prompt cannot be encoded: {e}") from None
+    except ValueError as e:  # a char vocabulary without some of the prompt's characters
+        raise cli.UserError(f"the prompt cannot be encoded: {str(e).split('; ')[0]}; remove those characters "
+                            "from the prompt") from None
 
 
-def run(args, out=None, err=None) -> None:
+def run(args, out=None, err=None) -> int:
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    from . import ops
     from .recurrent import RecurrentDecoder
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.num_samples < 1 or args.max_new_tokens < 0:
-        raise UsageError("--num-samples must be >= 1 and --max-new-tokens >= 0")
     if args.stream and args.num_samples > 1:
-        raise UsageError("--stream prints one sample: use it with --num-samples 1")
+        raise cli.UserError("--stream prints one sample: use it with --num-samples 1")
     if args.prompt is not None and args.prompt_file is not None:
-        raise UsageError("pass --prompt or --prompt-file, not both")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError("--top-p must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        raise UsageError("--top-k must be >= 1")
-    if args.temperature < 0:
-        raise UsageError("--temperature must be >= 0")
-    try:
-        ops.set_backend(args.kernels)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise cli.UserError("pass --prompt or --prompt-file, not both")
+    device = cli.setup_runtime(args)
     prompt = args.prompt or ""
     if args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read --prompt-file: {e}") from None
-    model, tokenizer = load_model(args)
-    model = model.to(args.device).eval()
+            raise cli.UserError(f"cannot read --prompt-file {args.prompt_file}: {e}") from None
+    model = cli.load_model(args, device)
+    tokenizer = model.tokenizer
     prompt_ids = _encode_prompt(tokenizer, prompt)
     decoder = RecurrentDecoder(model, torch.bfloat16 if args.bf16_weights else None,
                                exact_batches=args.exact_batches)
@@ -356,9 +311,13 @@ def run(args, out=None, err=None) -> None:
         write_piece(0, prompt)
 
     t0 = time.perf_counter()
-    samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                       generator, stop=args.stop, num_samples=args.num_samples, tokenizer=tokenizer,
-                       on_text=on_text, decoder=decoder)
+    interrupted = False
+    try:
+        samples = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                           generator, stop=args.stop, num_samples=args.num_samples, tokenizer=tokenizer,
+                           on_text=on_text, decoder=decoder)
+    except GenerationInterrupted as e:
+        samples, interrupted = e.samples, True
     elapsed = time.perf_counter() - t0
     if args.stream:
         out.write("\n")
@@ -375,6 +334,9 @@ def run(args, out=None, err=None) -> None:
               f"prompt {len(prompt_ids) or 'empty: start token ' + str(start_token(tokenizer))}"
               f"{' tokens' if prompt_ids else ''}, batch {args.num_samples}"
               f"{', bf16 weights' if args.bf16_weights else ''})\n")
+    if interrupted:
+        err.write("interrupted (Ctrl-C): the text above is what was generated until then\n")
+        return cli.EXIT_INTERRUPTED
     if args.spike_stats:
         if decoder.spike_steps == 0:
             err.write("spike stats: no generated token went through a step\n")
@@ -385,18 +347,11 @@ def run(args, out=None, err=None) -> None:
             for l, (a, f) in enumerate(rates.tolist()):
                 err.write(f"{l:5d}   {a:7.4f}  {f:7.4f}\n")
             err.write(f"mean    {rates[:, 0].mean():7.4f}  {rates[:, 1].mean():7.4f}\n")
+    return 0
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return cli.run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def unit_metrics(total_nll_nats: float, n_tokens: int, split_meta: Mapping[str, 
     out: dict[str, float] = {
         "nll_per_token": nll,
         "bits_per_token": nll / math.log(2),
-        "token_ppl": math.exp(nll),
+        "token_ppl": _exp(nll),
     }
     if not split_meta:
         return out
@@ -87,5 +87,13 @@ def unit_metrics(total_nll_nats: float, n_tokens: int, split_meta: Mapping[str, 
     if words:
         out["tokens_per_word"] = tokens / words
         out["bits_per_word"] = out["bits_per_token"] * tokens / words
-        out["word_ppl"] = math.exp(nll * tokens / words)
+        out["word_ppl"] = _exp(nll * tokens / words)
     return out
+
+
+def _exp(x: float) -> float:
+    """``exp(x)``, ``inf`` where it overflows (a diverged model's perplexity)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf

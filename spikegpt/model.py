@@ -1,4 +1,4 @@
-"""SpikeGPT: a spiking RWKV language model (arXiv 2302.13939), as specified in DESIGN.md §1.
+"""SpikeGPT: a spiking RWKV language model (arXiv 2302.13939), as described in docs/model.md §1.
 
     x = H(E[idx])                                    binary embedding (arctan surrogate)
     x = LN0(x)                                       block 0 only

@@ -385,9 +385,6 @@ class BPETokenizer(Tokenizer):
         self._check_ids(ids)
         return self._tok.decode(ids, skip_special_tokens=False)
 
-    def id_to_token(self, i: int) -> str | None:
-        return self._tok.id_to_token(int(i))
-
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

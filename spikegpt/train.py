@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import signal
 import sys
 import time
@@ -24,15 +22,18 @@ import torch.distributed as dist
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel
 
-from . import ops
-from .analyze import all_reduce_spike_stats, firing_rates, record_spikes
-from .checkpoint import (CheckpointError, atomic_save, checkpoint_path, latest_checkpoint,
-                         prune_checkpoints, read_checkpoint, versions)
-from .config import GIF_DEFAULTS, NEURONS, POLARITIES, ModelConfig, TrainConfig, preset, resolve_device, split_overrides
-from .data import DataError, default_corpus_dir, load_meta, open_split, sample_batch
+from . import cli, ops
+from .checkpoint import (atomic_save, build_checkpoint, checkpoint_path, latest_checkpoint, prune_checkpoints,
+                         read_checkpoint, versions)
+from .config import GIF_DEFAULTS, NEURONS, POLARITIES, PRESETS, ModelConfig, TrainConfig, preset, split_overrides
+from .data import default_corpus_dir, load_meta, open_split, sample_batch
+from .errors import UserError
 from .evaluate import evaluate_tokens
 from .metrics import unit_metrics
 from .model import SpikeGPT
+from .distributed import all_reduce_sum, init_distributed, rng_state, set_rng_state
+from .rundir import MetricsLog, RunLock, Wandb, prepare_dir, write_config
+from .spikes import all_reduce_spike_stats, firing_rates, record_spikes
 from .tokenizer import tokenizer_from_dict
 
 ARCH_FIELDS = ("vocab_size", "n_layer", "n_embd", "ffn_mult", "tau", "v_threshold", "surrogate_alpha",
@@ -40,8 +41,8 @@ ARCH_FIELDS = ("vocab_size", "n_layer", "n_embd", "ffn_mult", "tau", "v_threshol
                "learn_threshold")
 
 
-class TrainingError(Exception):
-    """A problem the user can fix; main() prints the message and exits non-zero."""
+class TrainingError(UserError):
+    """A problem with a training run that the user can fix (the message names the fix)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -49,20 +50,18 @@ class TrainingError(Exception):
 # --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     m, t = ModelConfig(), TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="train.py", description="Train a SpikeGPT model. Flags left out come from --preset, "
-        "then from the defaults shown; on resume, from the checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.new_parser("train.py", "Train a SpikeGPT model. Flags left out come from --preset, then from the "
+                       "defaults shown; on resume, from the checkpoint.")
     a = p.add_argument
     a("--data-dir", default=None, help="prepared dataset (data/prepare_*.py); default: the built-in "
       "corpus of Python standard-library docstrings, prepared into a cache directory")
-    a("--preset", default="tiny", choices=["tiny", "45m", "216m"], help="model and schedule preset")
-    a("--n-layer", type=int, default=None, help=f"blocks (tiny: {preset('tiny')[0]['n_layer']})")
-    a("--n-embd", type=int, default=None, help=f"model width (tiny: {preset('tiny')[0]['n_embd']})")
-    a("--ctx-len", type=int, default=None, help="training context length (tokens)")
-    a("--dropout", type=float, default=None, help=f"residual dropout (default {m.dropout})")
-    a("--v-threshold", type=float, default=None, help=f"LIF threshold (default {m.v_threshold})")
-    a("--tau", type=float, default=None, help=f"LIF time constant (default {m.tau})")
+    a("--preset", default="tiny", choices=sorted(PRESETS), help="model and schedule preset")
+    a("--n-layer", type=cli.positive_int, default=None, help=f"blocks (tiny: {preset('tiny')[0]['n_layer']})")
+    a("--n-embd", type=cli.positive_int, default=None, help=f"model width (tiny: {preset('tiny')[0]['n_embd']})")
+    a("--ctx-len", type=cli.positive_int, default=None, help="training context length (tokens)")
+    a("--dropout", type=cli.fraction, default=None, help=f"residual dropout in [0, 1) (default {m.dropout})")
+    a("--v-threshold", type=cli.positive_float, default=None, help=f"LIF threshold (default {m.v_threshold})")
+    a("--tau", type=cli.positive_float, default=None, help=f"LIF time constant (default {m.tau})")
     a("--no-spike", dest="spiking", action="store_false", default=None,
       help="ablation: LIF neurons become the identity and the embedding is not binarised (plain RWKV)")
     # The neuron (issue 13): multi-level GIF spiking neurons of SpikeLLM, and their controls.
@@ -76,45 +75,49 @@ def build_parser() -> argparse.ArgumentParser:
     a("--surrogate", default=None, choices=("atan", "ste"), help="GIF surrogate gradient "
       f"(default {GIF_DEFAULTS['surrogate']})")
     a("--learn-threshold", action="store_true", default=None, help="GIF: learn one threshold per branch")
-    a("--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {t.batch_size})")
-    a("--grad-accum", type=int, default=None, help=f"micro-batches per optimizer step (default {t.grad_accum})")
-    a("--max-iters", type=int, default=None, help="optimizer steps in total (tiny: 2000)")
-    a("--lr", type=float, default=None, help="peak learning rate (tiny: 2e-3, 45m/216m: 6e-4)")
-    a("--min-lr", type=float, default=None, help="final learning rate of the cosine schedule")
-    a("--warmup-iters", type=int, default=None, help="linear warm-up steps")
-    a("--weight-decay", type=float, default=None, help=f"AdamW weight decay on matrices (default {t.weight_decay})")
-    a("--grad-clip", type=float, default=None, help=f"gradient-norm clip, 0 = off (default {t.grad_clip})")
-    a("--eval-interval", type=int, default=None, help="steps between validations; 0 = off")
-    a("--eval-iters", type=int, default=None, help="batches per periodic validation")
-    a("--eval-split", default="val", help="split of the final full evaluation (val or test)")
+    a("--batch-size", type=cli.positive_int, default=None, help=f"sequences per micro-batch (default {t.batch_size})")
+    a("--grad-accum", type=cli.positive_int, default=None,
+      help=f"micro-batches per optimizer step (default {t.grad_accum})")
+    a("--max-iters", type=cli.positive_int, default=None, help="optimizer steps in total (tiny: 2000)")
+    a("--lr", type=cli.positive_float, default=None, help="peak learning rate (tiny: 2e-3, 45m/216m: 6e-4)")
+    a("--min-lr", type=cli.nonneg_float, default=None, help="final learning rate of the cosine schedule "
+      "(at most --lr)")
+    a("--warmup-iters", type=cli.nonneg_int, default=None, help="linear warm-up steps")
+    a("--weight-decay", type=cli.nonneg_float, default=None,
+      help=f"AdamW weight decay on matrices (default {t.weight_decay})")
+    a("--grad-clip", type=cli.nonneg_float, default=None, help=f"gradient-norm clip, 0 = off (default {t.grad_clip})")
+    a("--eval-interval", type=cli.nonneg_int, default=None, help="steps between validations; 0 = off")
+    a("--eval-iters", type=cli.positive_int, default=None, help="batches per periodic validation")
+    a("--eval-split", type=cli.split_name, default="val", help="split of the final full evaluation (val or test)")
     a("--eval-carry-state", action=argparse.BooleanOptionalAction, default=True,
       help="final evaluation carries the recurrent state across consecutive windows "
       "(--no-eval-carry-state: every window starts from the zero state)")
-    a("--eval-streams", type=int, default=8, help="final evaluation: the split is cut into this many "
-      "contiguous streams evaluated as one batch, each carrying its own state")
-    a("--eval-max-tokens", type=int, default=None, help="final evaluation: only the first N tokens")
-    a("--log-interval", type=int, default=None, help=f"steps between log lines (default {t.log_interval})")
-    a("--checkpoint-interval", type=int, default=None, help="steps between checkpoints "
+    a("--eval-streams", type=cli.positive_int, default=8, help="final evaluation: the split is cut into this "
+      "many contiguous streams evaluated as one batch, each carrying its own state")
+    a("--eval-max-tokens", type=cli.positive_int, default=None, help="final evaluation: only the first N tokens")
+    a("--log-interval", type=cli.positive_int, default=None, help=f"steps between log lines (default {t.log_interval})")
+    a("--checkpoint-interval", type=cli.positive_int, default=None, help="steps between checkpoints "
       "(default: --eval-interval, or 500 when that is 0); a checkpoint is always written at the end")
-    a("--keep-checkpoints", type=int, default=None, help=f"checkpoints kept (default {t.keep_checkpoints})")
-    a("--out-dir", default="out/run", help="run directory (checkpoints, metrics.jsonl)")
+    a("--keep-checkpoints", type=cli.nonneg_int, default=None,
+      help=f"checkpoints kept, 0 = all (default {t.keep_checkpoints})")
+    a("--out-dir", default="out/run", help="run directory (checkpoints, metrics.jsonl, config.json); one run "
+      "owns it at a time")
     a("--resume", default="auto", help="auto: continue the run in --out-dir if it has a checkpoint; "
       "never: start fresh (refuses a directory that already has checkpoints); PATH: that checkpoint")
     a("--init-from", default=None, help="start a new run (step 0, fresh optimizer) from the weights of "
       "this checkpoint or run directory: fine-tuning, e.g. with a new --lr")
-    a("--seed", type=int, default=None, help=f"seed of init, dropout and data sampling (default {t.seed})")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    a("--dtype", default=None, choices=["auto", "fp32", "bf16", "fp16"],
-      help="autocast dtype; auto = bf16 on GPUs that support it, else fp32 (WKV math stays fp32)")
-    a("--kernels", default="auto", choices=list(ops.BACKENDS),
-      help="WKV/LIF implementation: auto = Triton on CUDA, PyTorch reference otherwise")
+    a("--seed", type=cli.nonneg_int, default=None,
+      help=f"seed of init, dropout and data sampling (default {t.seed})")
+    cli.add_device_arg(p)
+    cli.add_dtype_arg(p, default=None)
+    cli.add_kernels_arg(p)
     a("--compile", action="store_true", default=None, help="torch.compile the model")
     a("--wandb-mode", default="disabled", choices=["disabled", "offline", "online"],
       help="Weights & Biases logging (offline works without a network)")
     a("--wandb-project", default="spikegpt", help="wandb project name")
-    a("--sample-tokens", type=int, default=200, help="tokens sampled at the end of training (0 = none)")
+    a("--sample-tokens", type=cli.nonneg_int, default=200, help="tokens sampled at the end of training (0 = none)")
     a("--sample-prompt", default="The ", help="prompt of the final sample")
-    a("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    cli.add_threads_arg(p)
     return p
 
 
@@ -150,36 +153,6 @@ def make_optimizer(model: SpikeGPT, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
 
 
-def pick_device(name: str) -> torch.device:
-    try:
-        return resolve_device(name)
-    except ValueError as e:
-        raise TrainingError(f"--device: {e}") from None
-
-
-def init_distributed(device_name: str):
-    """(rank, world size, device) — from torchrun's environment when present (NCCL on GPUs, gloo on
-    CPUs), else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_reduce_sum(values: list[float], world: int, device) -> list[float]:
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def autocast_for(dtype: str, device: torch.device):
     """A zero-argument context factory for the forward pass, and the dtype name actually used."""
     if dtype == "auto":
@@ -190,62 +163,6 @@ def autocast_for(dtype: str, device: torch.device):
         raise TrainingError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     return (lambda: torch.autocast(device.type, dtype=torch_dtype)), dtype
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, records past the resumed step are dropped (the
-    resumed run writes them again, identically)."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is not None and path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(path)
-        self.file = open(path, "a", buffering=1)
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class Wandb:
-    def __init__(self, mode: str, project: str, out_dir: Path, config: dict, run_id: str):
-        self.run = None
-        if mode == "disabled":
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise TrainingError("--wandb-mode needs the wandb package: pip install wandb "
-                                "(or pip install -e '.[wandb]')") from None
-        self.run = wandb.init(project=project, mode=mode, dir=str(out_dir), config=config, id=run_id,
-                              resume="allow")
-
-    def log(self, record: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
 
 
 @torch.no_grad()
@@ -278,16 +195,25 @@ def check_thresholds(model, step: int) -> None:
 
 
 def find_resume_checkpoint(resume: str, out_dir: Path) -> Path | None:
+    newest = latest_checkpoint(out_dir)
     if resume == "never":
-        if latest_checkpoint(out_dir) is not None:
+        if newest is not None:
             raise TrainingError(f"{out_dir} already holds checkpoints and --resume never would overwrite "
                                 "them: use --resume auto to continue that run, or another --out-dir")
         return None
     if resume == "auto":
-        return latest_checkpoint(out_dir)
+        return newest
     path = Path(resume)
     if not path.exists():
         raise TrainingError(f"--resume {resume}: no such checkpoint (use auto, never, or a ckpt-*.pt path)")
+    if path.is_dir():
+        path = latest_checkpoint(path) or path
+    if newest is not None and path.resolve() != newest.resolve():
+        # Pruning keeps the highest step numbers: the resumed run's checkpoints would be deleted, and
+        # the other run's metrics.jsonl cut back.
+        raise TrainingError(f"--out-dir {out_dir} holds checkpoints up to {newest.name}, which continuing "
+                            f"{path} there would destroy: pass an empty --out-dir to continue {path} in it, "
+                            "or --resume auto to continue the run in --out-dir")
     return path
 
 
@@ -305,8 +231,11 @@ def load_configs(args, meta, out_dir):
     explicit_model = {k: v for k, v in model_over.items() if getattr(args, k, None) is not None}
     explicit_train = {k: v for k, v in train_over.items() if getattr(args, k, None) is not None}
     resume_path = find_resume_checkpoint(args.resume, out_dir)
+    if resume_path is not None and args.init_from:
+        raise TrainingError(f"--init-from starts a new run, but {resume_path} would be resumed: pass a new "
+                            "--out-dir to fine-tune, or drop --init-from to continue that run")
     ckpt = read_checkpoint(resume_path) if resume_path else None
-    init = read_checkpoint(args.init_from) if args.init_from and ckpt is None else None
+    init = read_checkpoint(args.init_from) if args.init_from else None
     base = ckpt or init
     try:
         if base is not None:
@@ -321,10 +250,15 @@ def load_configs(args, meta, out_dir):
         train_cfg = TrainConfig(**{**ckpt["train_config"], **explicit_train})
     else:
         train_cfg = TrainConfig(**train_over)
+    if train_cfg.min_lr > train_cfg.lr:
+        if args.min_lr is not None:
+            raise TrainingError(f"--min-lr {train_cfg.min_lr} exceeds the peak --lr {train_cfg.lr}: the schedule "
+                                "decays from --lr to --min-lr; lower --min-lr")
+        train_cfg.min_lr = train_cfg.lr  # a preset's floor above a lower --lr: a constant schedule
     return model_cfg, train_cfg, ckpt, init
 
 
-def check_data(model_cfg, meta, data_dir, base_ckpt, splits, out_dir):
+def check_data(model_cfg, meta, data_dir, base_ckpt, splits):
     if model_cfg.vocab_size != meta["vocab_size"]:
         raise TrainingError(f"vocabulary mismatch: the model has vocab_size={model_cfg.vocab_size} but "
                             f"{data_dir} was prepared with {meta['vocab_size']} tokens; train on data "
@@ -347,12 +281,17 @@ def run(args) -> dict:
     ``g = rank * grad_accum + micro``, so the data order depends only on the global batch, not on
     how it is spread over processes.
     """
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or cli.default_threads()
+    if threads:
+        torch.set_num_threads(threads)
     ops.set_backend(args.kernels)
     rank, world, device = init_distributed(args.device)
     try:
-        result = _run(args, rank, world, device)
+        out_dir = Path(args.out_dir)
+        if rank == 0:
+            prepare_dir(out_dir)
+        with RunLock(out_dir) if rank == 0 else contextlib.nullcontext():
+            result = _run(args, rank, world, device)
         if world > 1:  # no rank tears its connections down while another still uses them
             dist.barrier()
         return result
@@ -370,7 +309,7 @@ def _run(args, rank, world, device) -> dict:
     val_tokens = open_split(data_dir, "val", meta) if "val" in meta["splits"] else None
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     model_cfg, train_cfg, ckpt, init = load_configs(args, meta, out_dir)
-    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens}, out_dir)
+    check_data(model_cfg, meta, data_dir, ckpt or init, {"train": train_tokens, "val": val_tokens})
     checkpoint_interval = args.checkpoint_interval or train_cfg.eval_interval or 500
 
     torch.manual_seed(train_cfg.seed)
@@ -398,9 +337,8 @@ def _run(args, rank, world, device) -> dict:
                 "kernels": args.kernels, "n_params": model.num_params(), "versions": versions(),
                 "init_from": init["path"] if init else None}
     if main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(run_info, indent=2) + "\n")
-        metrics = MetricsLog(out_dir / "metrics.jsonl", step if ckpt is not None else None)
+        write_config(out_dir, run_info)
+        metrics = MetricsLog(out_dir, step if ckpt is not None else None)
         wandb = Wandb(args.wandb_mode, args.wandb_project, out_dir, run_info, run_id=out_dir.resolve().name)
     bytes_per_token = meta["splits"]["train"]["bytes"] / max(meta["splits"]["train"]["tokens"], 1)
 
@@ -416,16 +354,17 @@ def _run(args, rank, world, device) -> dict:
     def save(last_metrics=None):
         if not main_process:
             return
-        atomic_save({
-            "format": "spikegpt-checkpoint", "version": 1,
-            "model_config": model_cfg.to_dict(), "train_config": dataclasses.asdict(train_cfg),
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "step": step, "tokens_seen": tokens_seen, "rng": rng_state(),
-            "sampler": {"kind": "stateless-global-micro-batch", "seed": train_cfg.seed, "world_size": world,
-                        "grad_accum": train_cfg.grad_accum},
-            "tokenizer": tokenizer.to_dict(), "data": {"data_dir": str(data_dir), "meta": meta},
-            "metrics": last_metrics, "versions": versions(),
-        }, checkpoint_path(out_dir, step))
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise TrainingError(f"the weights are not finite after step {step}; stopped without saving. The "
+                                f"last good checkpoint is {latest_checkpoint(out_dir) or '(none yet)'}: lower "
+                                "--lr or raise --warmup-iters and resume from it")
+        atomic_save(build_checkpoint(
+            model, tokenizer, train_config=dataclasses.asdict(train_cfg), optimizer=optimizer, step=step,
+            tokens_seen=tokens_seen, rng=rng_state(),
+            sampler={"kind": "stateless-global-micro-batch", "seed": train_cfg.seed, "world_size": world,
+                     "grad_accum": train_cfg.grad_accum},
+            data={"data_dir": str(data_dir) if args.data_dir else None, "meta": meta}, metrics=last_metrics),
+            checkpoint_path(out_dir, step))
         prune_checkpoints(out_dir, train_cfg.keep_checkpoints)
 
     def accumulate_gradients(step) -> float:
@@ -466,13 +405,14 @@ def _run(args, rank, world, device) -> dict:
             if log_now:
                 all_reduce_spike_stats(model)
             loss_value = all_reduce_sum([loss_sum], world, device)[0] / (train_cfg.grad_accum * world)
-            if not math.isfinite(loss_value):
-                good = latest_checkpoint(out_dir)
-                raise TrainingError(f"the loss became {loss_value} at step {step}; stopped without saving. "
-                                    f"The last good checkpoint is {good or '(none yet)'}: lower --lr or "
-                                    "raise --warmup-iters and resume from it")
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip).item()
                          if train_cfg.grad_clip > 0 else float("nan"))
+            if not math.isfinite(loss_value) or (train_cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
+                what = f"the loss became {loss_value}" if not math.isfinite(loss_value) else \
+                    f"the gradient norm became {grad_norm}"
+                raise TrainingError(f"{what} at step {step + 1}; stopped without saving. The last good "
+                                    f"checkpoint is {latest_checkpoint(out_dir) or '(none yet)'}: lower --lr "
+                                    "or raise --warmup-iters and resume from it")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             check_thresholds(model, step)
@@ -515,13 +455,20 @@ def _run(args, rank, world, device) -> dict:
                 raise TrainingError(f"interrupted by signal {stop_signal[0]} at step {step}; checkpoint "
                                     f"saved in {out_dir}, continue with --resume auto")
         bar.close()
+        for s, handler in previous_handlers.items():  # from here the first Ctrl-C stops the run
+            signal.signal(s, handler)
         result = {"step": step, "out_dir": str(out_dir)}
-        result.update(final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, say, step,
-                                       rank, world))
-        if args.sample_tokens > 0 and main_process:
-            result["sample"] = sample_text(model, tokenizer, args.sample_prompt, args.sample_tokens,
-                                           train_cfg.seed)
-            say("--- sample ---\n" + result["sample"] + "\n--------------")
+        try:
+            result.update(final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, log, say,
+                                           step, rank, world))
+            if args.sample_tokens > 0 and main_process:
+                result["sample"] = sample_text(model, tokenizer, args.sample_prompt, args.sample_tokens,
+                                               train_cfg.seed)
+                say("--- sample ---\n" + result["sample"] + "\n--------------")
+        except KeyboardInterrupt:
+            say(f"interrupted after training: the checkpoint of step {step} is saved in {out_dir}; evaluate it "
+                "with python -m spikegpt.evaluate --ckpt " + str(out_dir))
+            raise
         return result
     finally:
         bar.close()
@@ -570,13 +517,7 @@ def sample_text(model, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (TrainingError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run_cli(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

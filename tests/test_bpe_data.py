@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from spikegpt.corpus import find_inputs, is_val_document, prepare_documents, val_hash_fraction
-from spikegpt.data import (DataError, ShardedTokens, TokenData, check_dataset, iter_eval_windows, load_meta,
-                           load_tokenizer, open_split, sample_batch)
+from spikegpt.data import (DataError, ShardedTokens, check_dataset, find_inputs, is_val_document, load_meta,
+                           load_tokenizer, open_split, prepare_documents, sample_batch, val_hash_fraction)
 from spikegpt.metrics import count_lines, count_words, unit_metrics
 from spikegpt.tokenizer import EOT_TOKEN, BPETokenizer, train_bpe
 
@@ -133,10 +132,9 @@ def test_sharded_dataset_sampling_and_eval(corpus, tiny_tok, tmp_path):
     x, y = sample_batch(train, 16, 100, seed=3, step=5, rank=1)
     x2, y2 = sample_batch(torch.from_numpy(ref.astype(np.int64)), 16, 100, seed=3, step=5, rank=1)
     assert torch.equal(x, x2) and torch.equal(y, y2) and x.dtype == torch.int64
-    wins = list(iter_eval_windows(train, 300))
-    assert torch.cat([w[0] for w in wins], 1)[0].tolist() == ref[:-1].tolist()
-    td = TokenData(out, "val")
-    assert td.num_tokens == meta["splits"]["val"]["tokens"] and td.tokenizer.eot_id == 0
+    windows = [np.asarray(train[a:a + 300]) for a in range(0, len(train), 300)]  # across shard boundaries
+    assert np.concatenate(windows).tolist() == ref.tolist()
+    assert len(open_split(out, "val")) == meta["splits"]["val"]["tokens"] and load_tokenizer(out).eot_id == 0
     # evaluate_tokens works on it unchanged
     from spikegpt.evaluate import evaluate_tokens
 
@@ -242,8 +240,42 @@ def test_prepare_openwebtext2_cli_and_errors(corpus, tiny_tok, tmp_path, capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\nnot json\n')
     assert cli.main(["--input", str(bad), "--out", str(tmp_path / "x"), "--tokenizer", str(tiny_tok),
-                     "--workers", "1", "--no-progress"]) == 1
+                     "--workers", "1", "--no-progress"]) == 2
     assert "bad.jsonl line 2" in capsys.readouterr().err
+
+
+def test_prepare_documents_refuses_foreign_shard_files(corpus, tiny_tok, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "train-00000.bin").write_bytes(b"mine")
+    kw = dict(val_fraction=0.2, shard_tokens=300, progress=False, log=None)
+    with pytest.raises(DataError, match=r"train-00000\.bin.*--overwrite"):
+        prepare_documents([root / "b.jsonl"], out, tiny_tok, **kw)
+    assert (out / "train-00000.bin").read_bytes() == b"mine"
+    prepare_documents([root / "b.jsonl"], out, tiny_tok, overwrite=True, **kw)
+    check_dataset(out)
+
+
+def test_sharded_split_token_ids_checked_against_the_vocabulary(corpus, tiny_tok, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "ds"
+    meta = prepare_documents([root / "b.jsonl"], out, tiny_tok, val_fraction=0.2, shard_tokens=300, progress=False,
+                             log=None)
+    files = [f["file"] for f in meta["splits"]["train"]["files"]]
+    assert len(files) > 2 and meta["vocab_size"] == 400
+    assert meta["splits"]["train"]["max_id"] == max(int(np.fromfile(out / f, dtype="<u2").max()) for f in files)
+    # A dataset prepared before max_id was stored: the shards are checked by a max over each of them.
+    for s in meta["splits"].values():
+        del s["max_id"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    check_dataset(out)
+    shard = np.memmap(out / files[1], dtype="<u2", mode="r+")
+    shard[7] = 400
+    shard.flush()
+    del shard
+    with pytest.raises(DataError, match=files[1].replace(".", r"\.") + r" holds token id 400 "):
+        open_split(out, "train")
 
 
 def test_prepare_documents_neox_uint16(shared_reference, corpus, tmp_path):
@@ -271,6 +303,25 @@ def test_train_tokenizer_deterministic(corpus, tiny_tok, tmp_path):
     assert tok.decode(tok.encode(s)) == s and 0 in tok.encode(s)
     with pytest.raises(ValueError, match="at least"):
         train_bpe(["abc"], 100)
+
+
+def test_train_tokenizer_never_replaces_an_input_or_a_file_without_overwrite(corpus, tmp_path, capsys):
+    root, _ = corpus
+    train = _load_script("train_tokenizer")
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "c0.txt").write_bytes((root / "sub" / "c0.txt").read_bytes())
+    before = (src / "c0.txt").read_bytes()
+    for out, extra in ((src / "c0.txt", []), (src / "c0.txt", ["--overwrite"])):  # the input itself
+        assert train.main(["--input", str(src), "--vocab-size", "300", "--out", str(out), *extra]) == 2
+        assert "one of the inputs" in capsys.readouterr().err
+    assert (src / "c0.txt").read_bytes() == before
+    other = tmp_path / "notes.json"
+    other.write_text("{}")
+    assert train.main(["--input", str(src), "--vocab-size", "300", "--out", str(other)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and other.read_text() == "{}"
+    assert train.main(["--input", str(src), "--vocab-size", "300", "--out", str(other), "--overwrite"]) == 0
+    assert BPETokenizer(other).vocab_size == 300
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import hashlib
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,19 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-import spikegpt.data as data_mod
+import spikegpt.data.text as text_mod
 from spikegpt.data import (
+    DEFAULT_CORPUS_MAX_BYTES,
     DataError,
-    TokenData,
     check_dataset,
     compute_split_bounds,
     default_corpus_dir,
     dtype_for_vocab,
     extract_stdlib_docstrings,
-    iter_eval_windows,
     load_meta,
     load_tokenizer,
-    num_eval_windows,
     open_split,
     prepare_splits,
     sample_batch,
@@ -112,12 +112,12 @@ def test_prepare_char_vocab_from_train_only(tmp_path, prepare_text, capsys):
     assert meta["splits"]["val"]["unknown"] == TEXT_VAL_ONLY.count("Ω") == 10
     tok = load_tokenizer(out)
     assert isinstance(tok, CharTokenizer)
-    train = TokenData(out, "train")
-    assert train.tokens.dtype == np.uint8 and train.vocab_kind == "char"
-    assert tok.decode(train.tokens) == train_text
-    assert train.num_tokens == len(train_text) == meta["splits"]["train"]["chars"]
-    assert train.bytes_per_token == pytest.approx(len(train_text.encode()) / len(train_text))
-    val_text = tok.decode(TokenData(out, "val").tokens)
+    train = open_split(out, "train")
+    assert train.dtype == np.uint8 and meta["vocab_kind"] == "char"
+    assert tok.decode(train) == train_text
+    assert len(train) == len(train_text) == meta["splits"]["train"]["chars"]
+    assert meta["splits"]["train"]["bytes"] / len(train) == pytest.approx(len(train_text.encode()) / len(train_text))
+    val_text = tok.decode(open_split(out, "val"))
     assert val_text == TEXT_VAL_ONLY.encode()[meta["splits"]["val"]["byte_offset"]:].decode().replace("Ω", "\ufffd")
 
 
@@ -150,7 +150,7 @@ def test_prepare_is_idempotent_and_refuses_different_contents(tmp_path):
 
 def test_interrupted_prepare_leaves_no_complete_looking_dir(tmp_path, monkeypatch):
     out = tmp_path / "d"
-    real = data_mod._encode_split
+    real = text_mod._encode_split
     calls = []
 
     def failing(data, vocab, tok, writer):
@@ -159,25 +159,25 @@ def test_interrupted_prepare_leaves_no_complete_looking_dir(tmp_path, monkeypatc
             raise KeyboardInterrupt  # killed while writing the val split
         return real(data, vocab, tok, writer)
 
-    monkeypatch.setattr(data_mod, "_encode_split", failing)
+    monkeypatch.setattr(text_mod, "_encode_split", failing)
     with pytest.raises(KeyboardInterrupt):
         prepare_splits(TEXT, out, "byte")
     assert os.listdir(out) == []  # no meta.json, no half-written or temporary files
     with pytest.raises(DataError, match="no meta.json"):
         load_meta(out)
-    monkeypatch.setattr(data_mod, "_encode_split", real)
+    monkeypatch.setattr(text_mod, "_encode_split", real)
     prepare_splits(TEXT, out, "byte")  # an empty leftover directory is fine to prepare into
     check_dataset(out)
 
 
 def test_prepare_text_errors(tmp_path, prepare_text, capsys):
     out = str(tmp_path / "o")
-    assert prepare_text.main(["--input", str(tmp_path / "missing.txt"), "--out", out]) == 1
+    assert prepare_text.main(["--input", str(tmp_path / "missing.txt"), "--out", out]) == 2
     assert "not found" in capsys.readouterr().err
 
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes(("caf\xe9 " * 100).encode("latin-1"))
-    assert prepare_text.main(["--input", str(latin1), "--out", out, "--vocab", "char"]) == 1
+    assert prepare_text.main(["--input", str(latin1), "--out", out, "--vocab", "char"]) == 2
     err = capsys.readouterr().err
     assert "not valid UTF-8" in err and "byte offset 3" in err and "--vocab byte" in err
     assert prepare_text.main(["--input", str(latin1), "--out", out, "--vocab", "byte"]) == 0  # any bytes
@@ -185,12 +185,12 @@ def test_prepare_text_errors(tmp_path, prepare_text, capsys):
 
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("abcd", encoding="utf-8")
-    assert prepare_text.main(["--input", str(tiny), "--out", str(tmp_path / "t")]) == 1
+    assert prepare_text.main(["--input", str(tiny), "--out", str(tmp_path / "t")]) == 2
     assert "too small to split" in capsys.readouterr().err
 
-    assert prepare_text.main(["--input", str(latin1), "--out", out, "--val-fraction", "0"]) == 1
+    assert prepare_text.main(["--input", str(latin1), "--out", out, "--val-fraction", "0"]) == 2
     assert "val fraction" in capsys.readouterr().err
-    assert prepare_text.main(["--input", str(tiny), "--out", out, "--vocab", "bpe"]) == 1
+    assert prepare_text.main(["--input", str(tiny), "--out", out, "--vocab", "bpe"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
 
 
@@ -211,19 +211,19 @@ def test_load_errors(tmp_path, byte_dir):
         load_meta(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no meta.json.*prepare_text.py"):
-        TokenData(tmp_path / "empty")
+        open_split(tmp_path / "empty", "train")
     with pytest.raises(DataError, match="no 'valid' split; it has \\['test', 'train', 'val'\\]"):
         open_split(byte_dir, "valid")
     prepare_splits(TEXT, tmp_path / "notest", "byte")
     with pytest.raises(DataError, match="no 'test' split.*--test-fraction"):
-        TokenData(tmp_path / "notest", "test")
+        open_split(tmp_path / "notest", "test")
 
     (byte_dir / "val.bin").write_bytes((byte_dir / "val.bin").read_bytes()[:-1])  # truncate
     with pytest.raises(DataError, match="truncated or corrupt.*--overwrite"):
         open_split(byte_dir, "val")
     (byte_dir / "test.bin").unlink()
     with pytest.raises(DataError, match="missing.*--overwrite"):
-        TokenData(byte_dir, "test")
+        open_split(byte_dir, "test")
 
     meta = json.loads((byte_dir / "meta.json").read_text())
     meta["splits"]["train"]["tokens"] = 0
@@ -276,9 +276,9 @@ def test_sample_batch_bounds_and_memmap(tmp_path, byte_dir):
         assert torch.equal(x, torch.arange(16).expand(3, 16)) and torch.equal(y, x + 1)
     offs = np.concatenate([sample_offsets(100, 64, 10, 0, s) for s in range(50)])
     assert offs.min() == 0 and offs.max() == 100 - 10 - 1  # both ends reachable, nothing beyond
-    td = TokenData(byte_dir, "train")
-    x, y = sample_batch(td, 2, 8, seed=0, step=0)
-    assert torch.equal(x, td.sample_batch(2, 8, 0, 0)[0])
+    mm = open_split(byte_dir, "train")
+    x, y = sample_batch(mm, 2, 8, seed=0, step=0)
+    assert torch.equal(x, sample_batch(np.array(mm), 2, 8, 0, 0)[0])
     assert x.max() < 256
 
 
@@ -289,23 +289,6 @@ def test_sample_batch_ctx_too_long(tokens):
     assert "100 tokens" in msg and "101" in msg and "--ctx-len" in msg and "99" in msg
     with pytest.raises(ValueError, match="non-negative"):
         sample_batch(tokens, 2, 8, seed=-1, step=0)
-
-
-def test_iter_eval_windows_covers_every_token_once(tokens):
-    for n, ctx in ((5000, 64), (65, 64), (66, 64), (2, 7), (1000, 1)):
-        t = tokens[:n]
-        wins = list(iter_eval_windows(t, ctx))
-        assert len(wins) == num_eval_windows(n, ctx)
-        assert all(x.shape == y.shape and x.shape[0] == 1 and 1 <= x.shape[1] <= ctx for x, y in wins)
-        assert all(x.shape[1] == ctx for x, _ in wins[:-1])
-        xs = torch.cat([x[0] for x, _ in wins])
-        ys = torch.cat([y[0] for _, y in wins])
-        assert torch.equal(xs, torch.from_numpy(t[:-1].astype(np.int64)))
-        assert torch.equal(ys, torch.from_numpy(t[1:].astype(np.int64)))
-    wins = list(iter_eval_windows(tokens, 64, max_tokens=100))
-    assert sum(y.shape[1] for _, y in wins) == 100 and len(wins) == num_eval_windows(5000, 64, 100) == 2
-    with pytest.raises(DataError, match="at least 2"):
-        list(iter_eval_windows(tokens[:1], 8))
 
 
 # ------------------------------------------------------------------------------------------ enwik8
@@ -363,29 +346,29 @@ def test_prepare_enwik8_scaled_raw_and_zip(tmp_path, prepare_enwik8, capsys):
 def test_prepare_enwik8_errors(tmp_path, prepare_enwik8, capsys):
     raw = tmp_path / "enwik8"
     raw.write_bytes(b"x" * 1000)
-    assert prepare_enwik8.main(["--input", str(raw), "--out", str(tmp_path / "o")]) == 1
+    assert prepare_enwik8.main(["--input", str(raw), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "1,000 bytes" in err and "100,000,000" in err
 
     zpath = tmp_path / "other.zip"
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.writestr("enwik9", b"x" * 1000)
-    assert prepare_enwik8.main(["--input", str(zpath), "--out", str(tmp_path / "o"), "--expected-size", "1000"]) == 1
+    assert prepare_enwik8.main(["--input", str(zpath), "--out", str(tmp_path / "o"), "--expected-size", "1000"]) == 2
     assert "without an 'enwik8' member" in capsys.readouterr().err
 
     with zipfile.ZipFile(zpath, "w") as zf:
         zf.writestr("enwik8", b"x" * 999)
-    assert prepare_enwik8.main(["--input", str(zpath), "--out", str(tmp_path / "o"), "--expected-size", "1000"]) == 1
+    assert prepare_enwik8.main(["--input", str(zpath), "--out", str(tmp_path / "o"), "--expected-size", "1000"]) == 2
     assert "999 bytes" in capsys.readouterr().err
 
-    assert prepare_enwik8.main(["--input", str(tmp_path / "missing.zip")]) == 1
+    assert prepare_enwik8.main(["--input", str(tmp_path / "missing.zip")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
 def test_prepare_enwik8_download_failure(tmp_path, prepare_enwik8, capsys):
     rc = prepare_enwik8.main(["--url", "http://127.0.0.1:9/enwik8.zip", "--timeout", "5",
                               "--download-dir", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert rc == 1
+    assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0  # one clear line
     assert "could not download" in err and "--input" in err
@@ -405,7 +388,7 @@ def test_default_corpus(tmp_path, monkeypatch):
     assert meta["corpus"]["docstrings"] > 300 and meta["corpus"]["python_version"].startswith("3.")
     train, val = (bytes(open_split(d, s)) for s in ("train", "val"))
     text = train + val
-    assert 300_000 < len(text) <= data_mod.DEFAULT_CORPUS_MAX_BYTES
+    assert 300_000 < len(text) <= DEFAULT_CORPUS_MAX_BYTES
     assert hashlib.sha256(text).hexdigest() == meta["corpus"]["text_sha256"]
     assert abs(len(val) - 0.1 * len(text)) <= 3
     text.decode("utf-8")
@@ -425,7 +408,7 @@ def test_default_corpus(tmp_path, monkeypatch):
 def test_prepare_bpe_matches_whole_text_encoding(tmp_path, monkeypatch, prepare_text):
     from spikegpt.tokenizer import BPETokenizer
 
-    monkeypatch.setattr(data_mod, "_BPE_PIECE_CHARS", 97)  # force many pieces
+    monkeypatch.setattr(text_mod, "_BPE_PIECE_CHARS", 97)  # force many pieces
     text = TEXT + "  spaced \n\n\n  lines\t\n" * 20 + "last<|endoftext|>Next doc\n"
     src = tmp_path / "in.txt"
     src.write_text(text, encoding="utf-8")
@@ -442,3 +425,90 @@ def test_prepare_bpe_matches_whole_text_encoding(tmp_path, monkeypatch, prepare_
         ids = open_split(out, name)
         assert ids.tolist() == tok.encode(part)
         assert tok.decode(ids) == part
+
+
+# ------------------------------------------------------------------------- token ids beyond the vocabulary
+def test_open_split_checks_token_ids_against_the_vocabulary(tmp_path):
+    out = tmp_path / "char"
+    meta = prepare_splits(TEXT, out, "char")
+    vocab = meta["vocab_size"]
+    assert vocab < 255 and meta["dtype"] == "uint8"  # the dtype can hold ids beyond the vocabulary
+    for name, s in meta["splits"].items():  # stored at preparation time: opening reads no token
+        assert s["max_id"] == int(np.fromfile(out / s["file"], dtype=np.uint8).max()) < vocab
+    # A dataset prepared before max_id was stored still loads; its ids are checked by a max over the file.
+    old = json.loads((out / "meta.json").read_text())
+    for s in old["splits"].values():
+        del s["max_id"]
+    (out / "meta.json").write_text(json.dumps(old))
+    check_dataset(out)
+    raw = bytearray((out / "val.bin").read_bytes())
+    raw[5] = 255
+    (out / "val.bin").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"val\.bin holds token id 255 .*vocabulary.*--overwrite"):
+        open_split(out, "val")
+    open_split(out, "train")
+    # With max_id stored: a meta.json whose vocabulary is smaller than the ids of its files.
+    other = tmp_path / "other"
+    meta = prepare_splits(TEXT, other, "char")
+    meta["vocab_size"] = meta["splits"]["train"]["max_id"]
+    (other / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"train\.bin holds token id"):
+        open_split(other, "train")
+
+
+# --------------------------------------------------------------- outputs never replace what is not theirs
+def test_prepare_never_replaces_foreign_files_or_inputs(tmp_path, prepare_text, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "train.bin").write_bytes(b"precious")
+    assert prepare_text.main(["--input", str(src), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert "train.bin" in err and "--overwrite" in err
+    assert (mine / "train.bin").read_bytes() == b"precious"
+    assert prepare_text.main(["--input", str(src), "--out", str(mine), "--overwrite"]) == 0
+    check_dataset(mine)
+    # An input is never replaced, not even with --overwrite.
+    inside = tmp_path / "inside"
+    inside.mkdir()
+    (inside / "val.bin").write_text(TEXT, encoding="utf-8")
+    capsys.readouterr()
+    assert prepare_text.main(["--input", str(inside / "val.bin"), "--out", str(inside), "--overwrite"]) == 2
+    assert "input" in capsys.readouterr().err
+    assert (inside / "val.bin").read_text(encoding="utf-8") == TEXT and not (inside / "meta.json").exists()
+
+
+# -------------------------------------------------------------------- user errors: one line, exit status 2
+@pytest.mark.parametrize("script, argv, flag", [
+    ("prepare_text", ["--input", "x", "--out", "y", "--val-fraction", "1.5"], "--val-fraction"),
+    ("prepare_text", ["--input", "x", "--out", "y", "--test-fraction", "-0.1"], "--test-fraction"),
+    ("prepare_text", ["--input", "x", "--out", "y", "--val-fraction", "nan"], "--val-fraction"),
+    ("prepare_openwebtext2", ["--input", "x", "--out", "y", "--workers", "0"], "--workers"),
+    ("prepare_openwebtext2", ["--input", "x", "--out", "y", "--shard-tokens", "-5"], "--shard-tokens"),
+    ("prepare_openwebtext2", ["--input", "x", "--out", "y", "--val-fraction", "1"], "--val-fraction"),
+    ("train_tokenizer", ["--input", "x", "--out", "y", "--vocab-size", "-1"], "--vocab-size"),
+    ("train_tokenizer", ["--input", "x", "--out", "y", "--vocab-size", "300", "--min-frequency", "-2"],
+     "--min-frequency"),
+    ("prepare_enwik8", ["--expected-size", "0"], "--expected-size"),
+    ("prepare_enwik8", ["--timeout", "-1"], "--timeout"),
+])
+def test_data_scripts_validate_numeric_flags_at_parse_time(script, argv, flag, capsys):
+    with pytest.raises(SystemExit) as ei:
+        _load_script(script).main(argv)
+    assert ei.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument " + flag in last and "Traceback" not in last
+
+
+def test_data_script_errors_end_in_one_line(tmp_path, prepare_text, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    # A file-system error (the output's parent is a file) is a user error too.
+    assert prepare_text.main(["--input", str(src), "--out", str(src / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and str(src) in err
+    proc = subprocess.run([sys.executable, str(REPO / "data" / "prepare_text.py"), "--input",
+                           str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr

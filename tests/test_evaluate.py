@@ -64,7 +64,7 @@ def test_cli_reports_units_and_refuses_vocab_mismatch(tmp_path):
     save_model(tmp_path / "v50.pt", uniform_model(50))
     out = subprocess.run([sys.executable, "-m", "spikegpt.evaluate", "--ckpt", str(tmp_path / "v50.pt"),
                           "--data-dir", str(data)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and "vocabulary mismatch" in out.stderr and "50" in out.stderr
+    assert out.returncode == 2 and "vocabulary mismatch" in out.stderr and "50" in out.stderr
 
 
 def test_cli_picks_reference_settings(tmp_path, capsys):
@@ -86,5 +86,5 @@ def test_cli_picks_reference_settings(tmp_path, capsys):
     assert len(set(losses.values())) == 3, losses
     save_model(tmp_path / "ours.pt", model, tokenizer=ByteTokenizer())
     capsys.readouterr()
-    assert main(["--ckpt", str(tmp_path / "ours.pt"), "--data-dir", str(data), "--no-binary-embedding"]) == 1
+    assert main(["--ckpt", str(tmp_path / "ours.pt"), "--data-dir", str(data), "--no-binary-embedding"]) == 2
     assert "--reference imports only" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import torch
 
 import spikegpt
 from spikegpt import ModelConfig, SpikeGPT, ops
-from spikegpt.analyze import record_spikes
+from spikegpt.spikes import record_spikes
 from spikegpt.checkpoint import save_model
 
 CONFIGS = list(itertools.product([1, 2, 3], [False, True], ["hard", "soft", "zero"], ["atan", "ste"]))

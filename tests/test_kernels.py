@@ -383,8 +383,8 @@ def _loss_and_grads(model, idx, tgt, backend, autocast_dtype=None):
 
 @pytest.mark.parametrize("device,dtype,tol", [
     ("cpu", None, 1e-4),
-    pytest.param("cuda", None, 1e-4, marks=gpu),
-    pytest.param("cuda", torch.bfloat16, 3e-2, marks=gpu),
+    pytest.param("cuda", None, 1e-4, marks=(gpu, pytest.mark.gpu)),
+    pytest.param("cuda", torch.bfloat16, 3e-2, marks=(gpu, pytest.mark.gpu)),
 ], ids=["cpu-interpreter-fp32", "gpu-fp32", "gpu-bf16"])
 def test_model_loss_and_gradients_triton_vs_reference(device, dtype, tol):
     """Loss within ``tol`` (relative) and every parameter gradient within ``tol`` relative L2 error.

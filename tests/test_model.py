@@ -1,4 +1,4 @@
-"""The model and the reference ops against DESIGN.md §1, and the golden reference checkpoints."""
+"""The model and the reference ops against docs/model.md §1-3, and the golden reference checkpoints."""
 import json
 import math
 
@@ -18,7 +18,7 @@ REFERENCE_MODELS = ["tiny_l2_v77", "tiny_l8_v97"]
 # WKV against its O(T^2) definition, in fp64.
 # ----------------------------------------------------------------------------------------------
 def wkv_definition(w, u, k, v, state=None):
-    """The DESIGN §1 formula, term by term; the state (p, q, o) is a token before t = 0."""
+    """The docs/model.md §2 formula, term by term; the state (p, q, o) is a token before t = 0."""
     B, T, C = k.shape
     y = torch.empty_like(k)
     for t in range(T):

@@ -1,4 +1,4 @@
-"""Recurrent mode (DESIGN §2): one ``step`` per token computes exactly the parallel model.
+"""Recurrent mode (docs/model.md §4): one ``step`` per token computes exactly the parallel model.
 
 Random models get their LIF-driving matrices scaled up so that the neurons actually fire (a default
 initialised model never reaches the threshold, which would make spiking parity vacuous)."""

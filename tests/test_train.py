@@ -149,10 +149,10 @@ def test_sigkill_of_a_real_process_then_resume(byte_data, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Errors a user can make: one clear message, exit code 1, nothing lost.
+# Errors a user can make: one clear message, exit code 2, nothing lost.
 # ----------------------------------------------------------------------------------------------
 def cli_error(argv, capsys) -> str:
-    assert train_mod.main(argv) == 1
+    assert train_mod.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     return err
@@ -211,7 +211,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(byte_data, tmp_path, caps
 
     monkeypatch.setattr(spikegpt.SpikeGPT, "forward", poisoned)
     err = cli_error(small_args(byte_data, tmp_path / "run"), capsys)
-    assert "at step 4" in err and "ckpt-00000003.pt" in err
+    assert "at step 5" in err and "ckpt-00000003.pt" in err
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["ckpt-00000003.pt"]
 
 
