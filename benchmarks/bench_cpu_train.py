@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -97,6 +99,20 @@ def train_step_fn(model, x, y):
     return step
 
 
+def interleaved(steps: dict, warmup: int, rounds: int) -> dict:
+    """Median seconds per call of each of ``steps`` (CPU), calling them in turn, ``rounds`` times."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-layer", type=int, default=4)
@@ -124,9 +140,11 @@ def main(argv=None):
 
     rows = {}
     with ops.use_backend("torch"):
-        rows["spikegpt"] = timeit(spikegpt_step(), device, warmup, args.iters)
-        for neuron in ("gif", "quant"):
-            rows[neuron] = timeit(spikegpt_step(dataclasses.replace(cfg, neuron=neuron)), device, warmup, args.iters)
+        # The neurons are compared round-robin (one step of each per round, medians over rounds), so
+        # that a change in the machine's load hits the three alike.
+        steps = {"spikegpt": spikegpt_step(), **{n: spikegpt_step(dataclasses.replace(cfg, neuron=n))
+                                                 for n in ("gif", "quant")}}
+        rows.update(interleaved(steps, warmup, args.iters))
         real_wkv, real_lif = ops.wkv_torch, ops.lif_torch
         try:
             ops.wkv_torch = wkv_sequential

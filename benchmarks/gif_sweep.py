@@ -18,7 +18,7 @@ appended to ``benchmarks/results/gif_sweep.jsonl``:
   neuron-token can carry at the measured level usage), ``level_histogram`` (counts per spike count,
   summed over branches), and ``synops_per_token``: spike-count-weighted synaptic operations,
   ``sum |s| x fan-out`` per token, i.e. the accumulates of the spike-driven projections and residual
-  adds of ``spikegpt.analyze``'s ``paper`` convention with each rate replaced by the mean ``|s|``;
+  adds of ``spikegpt.energy``'s ``paper`` convention with each rate replaced by the mean ``|s|``;
 * ``seconds_per_step``: the median over train's log windows of (tokens per step / tokens per second).
 
 Arms: ``lif``, ``twin`` (``--no-spike``), ``gif-L{L}-{polarity}-{reset}``, ``quant-L{L}-{polarity}``
@@ -115,7 +115,8 @@ def spike_statistics(run_dir: Path, data_dir: str, n_tokens: int, streams: int) 
     import torch
 
     import spikegpt
-    from spikegpt.analyze import MATMUL_ROWS, SpikeRates, count_rwkv, record_spikes
+    from spikegpt.energy import MATMUL_ROWS, count_rwkv
+    from spikegpt.spikes import SpikeRates, record_spikes
     from spikegpt.data import open_split
 
     model = spikegpt.load(run_dir)
@@ -215,9 +216,7 @@ def plot(records: list[dict], out: str) -> None:
             ax.legend(loc="upper right")
     fig.tight_layout()
     from spikegpt.fileio import atomic_write
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=120)
-        atomic_write(out, Path(tmp.name).read_bytes())
+    atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote {out}")
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 NEURONS = ("lif", "gif", "quant")
 POLARITIES = ("unipolar", "bipolar")
-# What --neuron gif (or quant) means when no other neuron flag is given.
-GIF_DEFAULTS = dict(levels=4, polarity="bipolar", reset="soft", surrogate="atan")
+# What --neuron gif (or quant) means when no other neuron flag is given: the best GIF arm of
+# benchmarks/gif_sweep.py at the tiny budget on the built-in corpus (results/gif_sweep.jsonl).
+GIF_DEFAULTS = dict(levels=2, polarity="bipolar", reset="soft", surrogate="atan")
 
 
 @dataclass

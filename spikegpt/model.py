@@ -40,7 +40,7 @@ class Neuron(nn.Module):
     parameter of this branch (initialised to ``v_threshold``) whose gradient is scaled by
     ``1 / sqrt(C L)`` as in LSQ.
 
-    Spike recording is opt-in (``spikegpt.analyze.record_spikes`` sets it up): with ``record`` None,
+    Spike recording is opt-in (``spikegpt.spikes.record_spikes`` sets it up): with ``record`` None,
     the default, nothing is kept and the cost is one attribute test.  With ``record = "rate"`` each
     call adds, on the spikes' device and without a host sync:
 

@@ -12,7 +12,7 @@ import torch
 
 import spikegpt
 from spikegpt import ModelConfig, SpikeGPT, ops
-from spikegpt.analyze import record_spikes
+from spikegpt.spikes import record_spikes
 from spikegpt.checkpoint import save_model
 
 CONFIGS = list(itertools.product([1, 2, 3], [False, True], ["hard", "soft", "zero"], ["atan", "ste"]))
@@ -369,3 +369,41 @@ def test_kernel_custom_op_opcheck(kernels):
     x, v0, _, _ = inputs(1, 5, 3, dtype=torch.float32)
     torch.library.opcheck(torch.ops.spikegpt.gif_forward, (x, v0, torch.tensor(0.6), 2.0, 2, True, "soft", "atan", 2.0),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment script.
+# --------------------------------------------------------------------------------------------------
+def _sweep():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gif_sweep.py"
+    spec = importlib.util.spec_from_file_location("gif_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_arms_map_to_train_flags_and_results_append(tmp_path):
+    sweep = _sweep()
+    assert sweep.arm_flags("lif") == [] and sweep.arm_flags("twin") == ["--no-spike"]
+    assert sweep.arm_flags("gif-L4-bipolar-soft-learn") == [
+        "--neuron", "gif", "--levels", "4", "--polarity", "bipolar", "--reset", "soft", "--learn-threshold",
+        "--surrogate", "atan"]
+    assert sweep.arm_flags("quant-L2-unipolar")[:4] == ["--neuron", "quant", "--levels", "2"]
+    for bad in ("gif-L2-bipolar", "quant-Lx-bipolar", "lifx"):
+        with pytest.raises(SystemExit, match="unknown arm"):
+            sweep.arm_flags(bad)
+    assert len(set(sweep.DEFAULT_ARMS)) == len(sweep.DEFAULT_ARMS) == 2 + 12 + 6 + 1
+    results = tmp_path / "r.jsonl"
+    sweep.append_result(results, {"text": "builtin", "arm": "lif", "bpc": 2.2})
+    sweep.append_result(results, {"text": "builtin", "arm": "twin", "bpc": 2.0})
+    assert [r["arm"] for r in sweep.read_results(results)] == ["lif", "twin"]
+
+
+def test_sweep_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the plot extra) is not installed")
+    sweep = _sweep()
+    records = [{"text": "builtin", "arm": a, "bpc": b, "effective_bits": e, "max_iters": 10}
+               for a, b, e in [("lif", 2.2, 0.8), ("twin", 2.0, None), ("gif-L2-bipolar-soft", 2.1, 2.0),
+                               ("quant-L2-bipolar", 2.15, 2.0)]]
+    sweep.plot(records, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -318,7 +318,7 @@ def test_reference_checkpoints(shared_reference, name):
 
 
 def test_step_records_spikes_through_forward_when_recording():
-    """While LIF modules record spikes (spikegpt.analyze), step goes through them (forward path)."""
+    """While LIF modules record spikes (spikegpt.spikes), step goes through them (forward path)."""
     model = spiking_model(1, 97, seed=9)
     if not hasattr(model.blocks[0].lif1, "record"):
         pytest.skip("this model has no LIF spike recording")
