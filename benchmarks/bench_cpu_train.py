@@ -38,7 +38,7 @@ from spikegpt import ModelConfig, SpikeGPT, ops  # noqa: E402
 
 
 def wkv_sequential(w, u, k, v, state=None):
-    """The recurrence of DESIGN §1 step by step (autograd through the loop)."""
+    """The recurrence of docs/model.md §2 step by step (autograd through the loop)."""
     B, T, C = k.shape
     p, q, o = state if state is not None else ops.empty_wkv_state(B, C, k.device)
     k, v, ys = k.float(), v.float(), []

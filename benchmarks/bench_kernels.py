@@ -2,7 +2,7 @@
 flash-linear-attention's RWKV-4 kernel (when ``fla`` is importable).
 
 For every (B, T, C) and dtype it times the forward and the forward+backward and reports the achieved
-bandwidth counting only the *minimum* bytes of DESIGN §6 (per element of (B, T, C), s = bytes of the
+bandwidth counting only the *minimum* bytes of docs/model.md §7 (per element of (B, T, C), s = bytes of the
 I/O dtype: WKV forward 3s, forward+backward 8s; LIF and GIF forward 2s, forward+backward 5s), and that
 bandwidth as a fraction of a device-to-device copy measured in the same run.
 

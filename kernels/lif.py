@@ -1,4 +1,4 @@
-"""Triton multi-step LIF neuron (hard reset, arctan surrogate, reset not detached; DESIGN §1).
+"""Triton multi-step LIF neuron (hard reset, arctan surrogate, reset not detached; docs/model.md §3).
 
 ``x`` is (B, T, C) in our layout (time on dim 1, no permutes), fp32 or bf16; the membrane is fp32.
 One program per (batch row, block of ``BLOCK_C`` channels); time runs in chunks of ``CH`` unrolled
@@ -14,7 +14,7 @@ steps so that a chunk's loads are all independent of the recurrence.
 Saved for backward: ``x`` itself (a reference, not a copy) and the membrane checkpoints, 4 / CH bytes
 per element (0.25 B at CH = 16) -- against the 4 B/element (fp32 ``h``) the reference saves.
 Traffic: forward reads x, writes s; backward reads x, gs (x twice, the second time from cache),
-writes gx: the 5 element accesses of DESIGN §6.
+writes gx: the 5 element accesses of docs/model.md §7.
 """
 from __future__ import annotations
 

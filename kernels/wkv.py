@@ -1,11 +1,11 @@
-"""Triton WKV (RWKV-4 weighted key-value scan), forward and backward (DESIGN §1, §6).
+"""Triton WKV (RWKV-4 weighted key-value scan), forward and backward (docs/model.md §2, §7).
 
 Layout and state
 ----------------
 ``k, v, y`` are (B, T, C), contiguous, fp32 or bf16 (loaded and computed in fp32, ``y`` stored in
 the input dtype).  ``w, u`` are (C,) with ``w = -exp(time_decay)``.  Inside the kernels a state is
 held as ``(a, b, e)``: numerator ``a * e^e`` and denominator ``b * e^e``, ``e`` a running maximum
-exponent (DESIGN §1).  The state returned to the caller is normalised like the PyTorch reference
+exponent (docs/model.md §2).  The state returned to the caller is normalised like the PyTorch reference
 (``spikegpt.ops.wkv_torch``): ``p = num / den``, ``q = 1``, ``o = log(den)``, so that gradients with
 respect to the returned state mean exactly what they mean for the reference.
 
@@ -15,7 +15,7 @@ One program per (batch row, block of ``BLOCK_C`` channels); time runs through th
 of ``CH`` steps whose body is unrolled (``tl.static_range``), so the loads of a whole chunk do not
 depend on the recurrence and can all be in flight at once.  There is no compile-time maximum on T.
 
-* forward: the exact running-max recurrence of DESIGN §1; also writes a fp32 checkpoint of the state
+* forward: the exact running-max recurrence of docs/model.md §2; also writes a fp32 checkpoint of the state
   before every chunk (12 bytes per (b, chunk, c), i.e. 12 / CH bytes per element: 0.75 B at CH = 16).
 * backward: one reverse sweep over chunks.  For each chunk it replays the forward from the chunk's
   checkpoint into [CH, BLOCK_C] register tiles (the state before each step), then walks the chunk
@@ -30,7 +30,7 @@ depend on the recurrence and can all be in flight at once.  There is no compile-
   per-(b, c) partials and summed over b by torch (deterministic).
 
 Memory traffic: forward reads k, v and writes y; backward reads k, v, gy (twice, the second time from
-cache) and writes gk, gv: the minimum of DESIGN §6 plus the small checkpoints.
+cache) and writes gk, gv: the minimum of docs/model.md §7 plus the small checkpoints.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _load_step(k_ptr, v_ptr, base, t, T, C, cm, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _wkv_output(a, bb, e, u, kk, vv):
-    """``y_t`` from the state before step t (DESIGN §1); also returns ``e^{u+k_t-mx}``, the
+    """``y_t`` from the state before step t (docs/model.md §2); also returns ``e^{u+k_t-mx}``, the
     denominator mantissa and the exponent ``mx`` that the backward pass needs."""
     ww = u + kk
     mx = tl.maximum(e, ww)

@@ -1,7 +1,7 @@
 """The two sequence operations of SpikeGPT and the seam that dispatches them.
 
 ``wkv`` is the RWKV-4 weighted key-value scan and ``lif`` the multi-step leaky integrate-and-fire
-neuron (``DESIGN.md`` §1).  Both run along dim 1 of (B, T, C) tensors.  This module holds their plain
+neuron (``docs/model.md`` §2-3).  Both run along dim 1 of (B, T, C) tensors.  This module holds their plain
 PyTorch references, which are the CPU implementation, and dispatches to the Triton kernels of
 ``spikegpt.kernels`` on CUDA tensors:
 
@@ -72,7 +72,7 @@ def empty_wkv_state(batch: int, channels: int, device=None):
 
 
 def wkv_torch(w, u, k, v, state=None, chunk: int = 32):
-    """Reference WKV (DESIGN §1), differentiable by autograd in every input, the state included.
+    """Reference WKV (docs/model.md §2), differentiable by autograd in every input, the state included.
 
     ``y_t = (sum_{i<t} e^{(t-1-i)w + k_i} v_i + e^{u+k_t} v_t) / (sum_{i<t} e^{(t-1-i)w + k_i} +
     e^{u+k_t})``, with the initial state acting as a token before ``t = 0``; ``w`` and ``u`` have
@@ -141,7 +141,7 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
 # LIF reference.
 # --------------------------------------------------------------------------------------------------
 class _LIF(torch.autograd.Function):
-    """Multi-step LIF with hard reset to 0, reset not detached (DESIGN §1).
+    """Multi-step LIF with hard reset to 0, reset not detached (docs/model.md §3).
 
     Forward, per neuron: ``h_t = v_{t-1} + (x_t - v_{t-1}) / tau``, ``s_t = H(h_t - v_th)``,
     ``v_t = h_t (1 - s_t)``.  Backward, with ``g_t = dL/dh_t`` and ``sg_t`` the surrogate slope at

@@ -1,4 +1,4 @@
-"""Fast recurrent decoding: one token per call, the exact math of the parallel model (DESIGN §2).
+"""Fast recurrent decoding: one token per call, the exact math of the parallel model (docs/model.md §4).
 
 :class:`RecurrentDecoder` runs ``SpikeGPT`` one token at a time from a state of shape
 ``(n_layer, 7, B, C)`` (the same state the parallel path takes and returns, see ``spikegpt.model``),
@@ -36,7 +36,7 @@ product of the parallel path, which moves results by an ulp or so).  On the refe
 (spike rates 15-22%) this has not flipped a spike in our tests; ``tests/test_recurrent.py`` measures it.
 
 ``weight_dtype=torch.bfloat16`` (opt-in, for CPU decoding speed) keeps a bf16 copy of every matrix
-(on a CPU prepacked for oneDNN: 2.9 instead of 5.4 ms of products per token at the 45m shape);
+(on a CPU prepacked for oneDNN, whose bf16 products are faster than torch.mm's; benchmarks/results/bench_generate-*);
 activations are rounded to bf16 only as matmul inputs, everything else (LayerNorm, WKV, LIF, the state)
 stays fp32.  That is an approximation of the model, not the model: spikes near threshold will flip.
 """
@@ -69,8 +69,8 @@ _SMALL = 10
 # Batches up to this size split their matrix products over the cores (RecurrentDecoder._split); on
 # a 2-core machine the split is faster at every batch size measured (1 to 64).
 _SPLIT_MAX_BATCH = 64
-# Batched steps use oneDNN for matrices of at least this many weights: a oneDNN call costs ~10 us more
-# than MKL's, which pays off from about 512 x 512 at batch 2 (256 x 256 at batch 16) on our 2-core CPU.
+# Batched steps use oneDNN for matrices of at least this many weights: a oneDNN call has a larger fixed
+# cost than MKL's, which its faster few-row products repay from about this size (benchmarks/bench_generate.py).
 _ONEDNN_MIN_SIZE = 512 * 512
 
 
