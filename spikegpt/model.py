@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from . import ops
 from .config import ModelConfig
 from .spikify.encoding import InputEncoder
-from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, N_STATE_SLOTS, WKV_O, WKV_P, WKV_Q, initial_state
+from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, N_STATE_SLOTS, WKV_O, WKV_P, WKV_Q, initial_state  # noqa: F401  (re-exported: spikegpt.model.N_STATE_SLOTS)
 
 
 def token_shift(z, last):

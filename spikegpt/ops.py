@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .state import EMPTY_EXP, empty_wkv_state  # noqa: F401  (part of this module's API)
 
-EMPTY_EXP = -1e38
 BACKENDS = ("auto", "triton", "torch")
 _backend = "auto"
 
@@ -65,12 +65,6 @@ def spike(z: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # WKV reference.
 # --------------------------------------------------------------------------------------------------
-def empty_wkv_state(batch: int, channels: int, device=None):
-    """The state before the first token: ``p = q = 0``, ``o = EMPTY_EXP`` (fp32, shape (B, C))."""
-    zeros = torch.zeros(batch, channels, dtype=torch.float32, device=device)
-    return zeros, zeros.clone(), torch.full_like(zeros, EMPTY_EXP)
-
-
 def wkv_torch(w, u, k, v, state=None, chunk: int = 32):
     """Reference WKV (docs/model.md §2), differentiable by autograd in every input, the state included.
 

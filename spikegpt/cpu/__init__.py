@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops import empty_wkv_state
+from ..state import empty_wkv_state
 
 RESETS = {"hard": 0, "soft": 1, "zero": 2}
 SURROGATES = {"atan": 0, "ste": 1}
