@@ -62,9 +62,19 @@ def arm_flags(arm: str) -> list[str]:
         return []
     if arm == "twin":
         return ["--no-spike"]
-    parts = arm.split("-")
-    learn = parts[-1] == "learn"
-    parts = parts[:-1] if learn else parts
+    parts, extra, surrogate = arm.split("-"), [], "atan"
+    while parts and (parts[-1] in ("learn", "ste") or parts[-1].startswith("th")):
+        tail = parts.pop()
+        if tail == "learn":
+            extra += ["--learn-threshold"]
+        elif tail == "ste":
+            surrogate = "ste"
+        else:
+            try:
+                extra += ["--v-threshold", str(float(tail[2:]))]
+            except ValueError:
+                parts.append(tail)
+                break
     try:
         if parts[0] == "gif" and len(parts) == 4 and parts[2] in POLARITIES and parts[3] in RESETS:
             flags = ["--neuron", "gif", "--levels", str(int(parts[1][1:])), "--polarity", parts[2],
@@ -73,11 +83,11 @@ def arm_flags(arm: str) -> list[str]:
             flags = ["--neuron", "quant", "--levels", str(int(parts[1][1:])), "--polarity", parts[2]]
         else:
             raise ValueError
-    except ValueError:
+    except (ValueError, IndexError):
         raise SystemExit(f"error: unknown arm {arm!r}: use lif, twin, gif-L<n>-<unipolar|bipolar>-<hard|soft>, "
-                         "quant-L<n>-<unipolar|bipolar> (optionally ending in -learn), or best-learn") from None
-    return flags + (["--learn-threshold", "--surrogate", "atan"] if learn else ["--surrogate", "atan"])
-
+                         "quant-L<n>-<unipolar|bipolar>, optionally followed by -th<threshold>, -ste and "
+                         "-learn (in any order), or best-learn") from None
+    return flags + ["--surrogate", surrogate] + extra
 
 def read_results(path: Path) -> list[dict]:
     if not path.exists():
@@ -86,10 +96,16 @@ def read_results(path: Path) -> list[dict]:
 
 
 def append_result(path: Path, record: dict) -> None:
+    """Append one record: an atomic rewrite under a lock, so that sweeps running side by side (with
+    disjoint ``--arms``) never lose each other's records."""
+    import fcntl
+
     from spikegpt.fileio import atomic_write_text
-    lines = [json.dumps(r, sort_keys=True) for r in read_results(path)] + [json.dumps(record, sort_keys=True)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    with open(path.with_suffix(path.suffix + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lines = [json.dumps(r, sort_keys=True) for r in read_results(path)] + [json.dumps(record, sort_keys=True)]
+        atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def prepare_rt_polarity(source: Path, work: Path) -> Path:
