@@ -1,7 +1,9 @@
 """Sentence classification on MR (10-fold cross-validation) and SST-5 (test at the best dev epoch),
 for (a) a SpikeGPT trained on the task alone and (b) one fine-tuned from a language model pre-trained
 on the task's training sentences (unsupervised; never a dev or test sentence: for MR, one language
-model per fold, on that fold's training part).
+model per fold, on that fold's training part).  The vocabulary is, by default, a byte-level BPE trained
+on each run's training sentences (``--vocab bpe``, the same for both variants of a run); ``--vocab
+byte`` gives the byte-level models of ``results/classify-byte.json``.
 
     python benchmarks/classify_experiment.py [--tasks sst5 mr] [--variants scratch pretrained]
         [--mr-folds N] [--data-dir DIR] [--out benchmarks/results/classify.json]
@@ -36,6 +38,7 @@ from spikegpt.classify.model import scratch_lm  # noqa: E402
 from spikegpt.classify.train import ClassifyConfig, run_split  # noqa: E402
 from spikegpt.data import prepare_splits  # noqa: E402
 from spikegpt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from spikegpt.tokenizer import train_bpe  # noqa: E402
 
 PUBLISHED = {  # sentence-level test accuracy (%), from the literature
     "TextCNN (Kim 2014)": {"mr": 81.5, "sst5": 48.0},
@@ -64,20 +67,28 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=64)
     p.add_argument("--pool", default="mean")
-    p.add_argument("--lm-iters", type=int, default=1500, help="pre-training steps (batch 12 x 64 bytes)")
+    p.add_argument("--lm-iters", type=int, default=1500, help="pre-training steps (batch 12 x 64 tokens)")
+    p.add_argument("--vocab", choices=["byte", "bpe"], default="bpe",
+                   help="bytes, or a byte-level BPE trained on each run's training sentences")
+    p.add_argument("--bpe-vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true", help="only rewrite the table from the results file")
     return p.parse_args(argv)
 
 
 def pretrain(texts, name: str, args, log) -> tuple[Path, list[str], float]:
-    """A byte-level language model trained on ``texts`` with train.py: (run dir, command, seconds)."""
+    """A language model trained on ``texts`` with train.py, in the vocabulary the scratch model of the
+    same split would get (:func:`scratch_lm`): (run dir, command, seconds)."""
     work = Path(args.work_dir)
-    data_dir, run_dir = work / f"{name}-text", work / f"{name}-lm-{args.n_layer}x{args.n_embd}-{args.lm_iters}"
+    vocab = "byte" if args.vocab == "byte" else f"bpe{args.bpe_vocab_size}"
+    data_dir = work / f"{name}-text-{vocab}"
+    run_dir = work / f"{name}-lm-{vocab}-{args.n_layer}x{args.n_embd}-{args.lm_iters}"
     start = time.perf_counter()
     if not (data_dir / "meta.json").is_file():
-        prepare_splits("\n".join(texts) + "\n", data_dir, "byte", val_fraction=0.02,
-                       source=f"training sentences of {name}", overwrite=True)
+        text = ("\n".join(texts) + "\n").encode("utf-8", "surrogateescape")
+        tokenizer = train_bpe(texts, args.bpe_vocab_size) if args.vocab == "bpe" else None
+        prepare_splits(text, data_dir, args.vocab, tokenizer=tokenizer, val_fraction=0.02,
+                       source=f"training sentences of {name}", utf8_errors="surrogateescape", overwrite=True)
     cmd = [sys.executable, str(REPO / "train.py"), "--data-dir", str(data_dir), "--out-dir", str(run_dir),
            "--preset", "tiny", "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
            "--max-iters", str(args.lm_iters), "--eval-interval", "0", "--eval-max-tokens", "16384",
@@ -104,7 +115,8 @@ def one_run(key, name, train, dev, test, variant, args, results, log) -> None:
         run_dir, cmd, seconds = pretrain([e.text for e in train], name, args, log)
         make_lm, pre = (lambda _train: load(run_dir)), {"command": shown(cmd), "seconds": seconds}
     else:
-        make_lm = partial(scratch_lm, n_layer=args.n_layer, n_embd=args.n_embd)
+        make_lm = partial(scratch_lm, vocab=args.vocab, bpe_vocab_size=args.bpe_vocab_size, n_layer=args.n_layer,
+                          n_embd=args.n_embd)
     log(f"{key}: {len(train)} train, {len(dev)} dev, {len(test)} test")
     result = run_split(make_lm, train, dev, test, cfg, torch.device("cpu"), log=log)
     result.pop("confusion")
@@ -129,8 +141,10 @@ def summarize(results, args) -> None:
                     "firing_rate_all": statistics.fmean(r["firing_rates"].get("all", 0.0) for r in runs)}
     results["table"] = table
     atomic_write_json(args.out, results)
+    vocab = ("bytes" if args.vocab == "byte" else
+             f"a {args.bpe_vocab_size}-token byte-level BPE trained on each run's training sentences")
     lines = [f"Sentence classification, {results['device']}, torch {results['torch']}; "
-             f"model {args.n_layer} x {args.n_embd} byte-level SpikeGPT, max-len {args.max_len}; test accuracy "
+             f"model {args.n_layer} x {args.n_embd} SpikeGPT, {vocab}, max-len {args.max_len} tokens; test accuracy "
              "(%) at the best dev epoch (macro-F1, epochs trained, seconds per fine-tuning run).", "",
              "| model | MR (10-fold CV) | SST-5 |", "|---|---:|---:|"]
 

@@ -240,6 +240,28 @@ def test_cli_fine_tunes_one_of_our_language_models(tmp_path, capsys):
     assert "--reference imports only" in capsys.readouterr().err
 
 
+def test_bpe_vocabulary_is_trained_on_the_training_sentences_only(tmp_path, capsys):
+    train = [Example(t, "1", "") for t in POS * 3] + [Example("caf\udce9 " + t, "0", "") for t in NEG * 3]
+    lm = tiny_lm(train, vocab="bpe", bpe_vocab_size=300)
+    tok = lm.tokenizer
+    assert tok.kind == "bpe" and lm.config.vocab_size == tok.vocab_size <= 300
+    assert len(tok.encode("good fun movie")) < len("good fun movie")  # merges learnt from the sentences
+    assert tok.encode("caf\udce9") == tok.encode("caf\xe9")  # a Latin-1 byte reads as its character
+    trainf, test = _separable(tmp_path)
+    out = tmp_path / "res.json"
+    assert main(["--train", str(trainf), "--test", str(test), "--vocab", "bpe", "--bpe-vocab-size", "280",
+                 "--json", str(out), "--out-dir", str(tmp_path / "clf"), *SMALL]) == 0
+    assert json.loads(out.read_text())["accuracy"] >= 0.75
+    clf, _ = load_classifier(tmp_path / "clf")
+    assert clf.tokenizer.kind == "bpe" and clf.tokenizer.vocab_size <= 280
+    capsys.readouterr()
+    assert main(["--train", str(trainf), "--test", str(test), "--bpe-vocab-size", "300", *SMALL]) == 2
+    assert "add --vocab bpe" in capsys.readouterr().err
+    assert main(["--train", str(trainf), "--test", str(test), "--vocab", "bpe", "--bpe-vocab-size", "100",
+                 *SMALL]) == 2
+    assert "at least 257" in capsys.readouterr().err
+
+
 def test_cli_bad_data_is_one_line(tmp_path, capsys):
     train, test = _separable(tmp_path)
     bad = write(tmp_path / "dev.txt", "1 fine\n3 unseen label\n")

@@ -7,7 +7,7 @@
 
 ``train`` (the default) fine-tunes a language model of ours (``--init-from``) or a reference one
 (``--reference`` with ``--reference-config``), or trains one from scratch (``--preset`` and the
-architecture flags, ``--vocab byte|char``).  The test accuracy reported is the one at the best dev
+architecture flags, ``--vocab byte|char|bpe``).  The test accuracy reported is the one at the best dev
 epoch.  ``--json`` writes ``{"accuracy", "macro_f1", "dev_accuracy", "epochs", "best_epoch",
 "history", "firing_rates", ...}``, with ``"folds"``, ``"mean"`` and ``"std"`` under ``--folds``.
 """
@@ -22,7 +22,7 @@ from ..cli import (UserError, add_device_arg, add_dtype_arg, add_kernels_arg, ad
                    unit_interval, write_json)
 from ..config import PRESETS, ModelConfig, preset
 from .data import FORMATS, check_labels, read_examples, stratified_split
-from .model import POOLS, load_classifier, scratch_lm
+from .model import POOLS, VOCABS, load_classifier, scratch_lm
 from .train import ClassifyConfig, autocast_for, cross_validate, encode, evaluate, predict_proba, run_split
 
 COMMANDS = ("train", "predict", "evaluate")
@@ -65,8 +65,11 @@ def build_parser():
                    help=f"LIF threshold: from scratch (default {m.v_threshold}), or a reference import's")
     g.add_argument("--no-spike", dest="spiking", action="store_false", default=None,
                    help="from scratch: the non-spiking RWKV twin (ablation)")
-    g.add_argument("--vocab", choices=["byte", "char"], default="byte",
-                   help="from scratch: bytes, or the characters of the training sentences")
+    g.add_argument("--vocab", choices=VOCABS, default="byte",
+                   help="from scratch: bytes, the characters of the training sentences, or a byte-level "
+                        "BPE trained on them")
+    g.add_argument("--bpe-vocab-size", type=positive_int,
+                   help="from scratch with --vocab bpe: tokens of the BPE, at least 257 (default 4096)")
     g = t.add_argument_group("classifier and training")
     g.add_argument("--pool", choices=POOLS, default=c.pool, help="mean over the real tokens, or the last one")
     g.add_argument("--dropout", type=unit_interval, default=c.dropout, help="dropout on the pooled features")
@@ -116,12 +119,18 @@ def _make_lm(args):
                                    reference_config=args.reference_config,
                                    binary_embedding=args.binary_embedding, v_threshold=args.v_threshold)
         return lambda _train: load_model(names, "cpu")
+    if args.bpe_vocab_size is not None and args.vocab != "bpe":
+        raise UserError("--bpe-vocab-size sizes the BPE of --vocab bpe: add --vocab bpe or drop it")
+    if args.vocab == "bpe" and args.bpe_vocab_size is not None and args.bpe_vocab_size < 257:
+        raise UserError(f"--bpe-vocab-size {args.bpe_vocab_size}: a byte-level BPE needs at least 257 tokens "
+                        "(256 bytes and <|endoftext|>)")
     arch = {k: getattr(args, k) for k in ("n_layer", "n_embd", "ffn_mult", "tau", "v_threshold", "spiking")}
     arch["dropout"] = args.lm_dropout
     if args.spiking is False:
         arch["binary_embedding"] = False
     model_over = {k: v for k, v in preset(args.preset)[0].items() if k in ("n_layer", "n_embd", "ffn_mult")}
-    return partial(scratch_lm, vocab=args.vocab, **{**model_over, **{k: v for k, v in arch.items() if v is not None}})
+    arch = {**model_over, **{k: v for k, v in arch.items() if v is not None}}
+    return partial(scratch_lm, vocab=args.vocab, bpe_vocab_size=args.bpe_vocab_size or 4096, **arch)
 
 
 def _train(args, device) -> None:

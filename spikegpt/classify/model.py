@@ -111,18 +111,24 @@ def load_classifier(path, device="cpu") -> tuple[SentenceClassifier, dict]:
     return clf.to(device).eval(), ckpt
 
 
-def scratch_lm(train_examples, vocab: str = "byte", **config) -> SpikeGPT:
+VOCABS = ("byte", "char", "bpe")
+
+
+def scratch_lm(train_examples, vocab: str = "byte", bpe_vocab_size: int = 4096, **config) -> SpikeGPT:
     """A freshly initialised language model to train on the task alone: ``vocab`` is ``byte`` (256
-    ids) or ``char`` (the characters of the training sentences, plus an unknown id); ``config``
-    holds ModelConfig fields."""
-    from ..tokenizer import ByteTokenizer, CharTokenizer
+    ids), ``char`` (the characters of the training sentences, plus an unknown id) or ``bpe`` (a
+    byte-level BPE of ``bpe_vocab_size`` tokens trained on the training sentences only, so no dev or
+    test sentence shapes it); ``config`` holds ModelConfig fields."""
+    from ..tokenizer import ByteTokenizer, CharTokenizer, train_bpe
 
     if vocab == "byte":
         tok = ByteTokenizer()
     elif vocab == "char":
         tok = CharTokenizer.from_text("".join(e.text for e in train_examples))
+    elif vocab == "bpe":
+        tok = train_bpe((e.text for e in train_examples), bpe_vocab_size)
     else:
-        raise ValueError(f"vocab must be 'byte' or 'char', got {vocab!r}")
+        raise ValueError(f"vocab must be one of {VOCABS}, got {vocab!r}")
     lm = SpikeGPT(ModelConfig(**{**config, "vocab_size": tok.vocab_size}))
     lm.tokenizer = tok
     return lm
