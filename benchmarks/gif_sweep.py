@@ -21,11 +21,13 @@ appended to ``benchmarks/results/gif_sweep.jsonl``:
   adds of ``spikegpt.energy``'s ``paper`` convention with each rate replaced by the mean ``|s|``;
 * ``seconds_per_step``: the median over train's log windows of (tokens per step / tokens per second).
 
-Arms: ``lif``, ``twin`` (``--no-spike``), ``gif-L{L}-{polarity}-{reset}``, ``quant-L{L}-{polarity}``
-and any of those with ``-learn`` (``--learn-threshold``); ``best-learn`` is the best fixed-threshold
-gif arm measured so far on that text, with ``--learn-threshold``.  The default list puts the most
-informative arms first.  Arms already in the results file are skipped, so an interrupted sweep
-continues where it stopped; each append is one atomic rewrite of the file.
+Arms: ``lif``, ``twin`` (``--no-spike``), ``gif-L{L}-{polarity}-{reset}`` and ``quant-L{L}-{polarity}``
+at the default threshold (``spikegpt.config.GIF_THRESHOLD`` for L > 1) with the ``atan`` surrogate; any
+of those may end in ``-th<x>`` (``--v-threshold x``), ``-ste`` (``--surrogate ste``) and ``-learn``
+(``--learn-threshold``, initialised at the threshold).  ``best-ste`` and ``best-learn`` are the best
+default-threshold atan gif arm measured so far on that text, with ``-ste`` / ``-learn``.  The default
+list puts the most informative arms first.  Arms already in the results file are skipped, so an
+interrupted sweep continues where it stopped; each append is one atomic rewrite of the file.
 """
 from __future__ import annotations
 
@@ -46,11 +48,12 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results" / "gif_sweep.jsonl"
 TEXTS = ("builtin", "rt-polarity")
 LEVELS, POLARITIES, RESETS = (2, 4, 8), ("unipolar", "bipolar"), ("hard", "soft")
+BEST = ("best-ste", "best-learn")  # the best default-threshold atan gif arm so far, with -ste / -learn
 
 # Most informative first: the two ends of the gap, then GIF against its no-integration control.
 FIRST = ["lif", "twin", "gif-L2-bipolar-soft", "gif-L4-bipolar-soft", "quant-L2-bipolar", "quant-L4-bipolar",
-         "gif-L2-unipolar-soft", "gif-L2-bipolar-hard", "gif-L4-bipolar-hard", "gif-L4-unipolar-soft",
-         "best-learn", "gif-L8-bipolar-soft", "quant-L8-bipolar"]
+         "best-ste", "best-learn", "gif-L4-unipolar-soft", "gif-L2-bipolar-hard", "gif-L8-bipolar-soft",
+         "quant-L8-bipolar", "gif-L2-unipolar-soft", "gif-L4-bipolar-hard"]
 GRID = ([f"gif-L{L}-{p}-{r}" for L in LEVELS for p in POLARITIES for r in RESETS]
         + [f"quant-L{L}-{p}" for L in LEVELS for p in POLARITIES])
 DEFAULT_ARMS = FIRST + [a for a in GRID if a not in FIRST]
@@ -86,7 +89,7 @@ def arm_flags(arm: str) -> list[str]:
     except (ValueError, IndexError):
         raise SystemExit(f"error: unknown arm {arm!r}: use lif, twin, gif-L<n>-<unipolar|bipolar>-<hard|soft>, "
                          "quant-L<n>-<unipolar|bipolar>, optionally followed by -th<threshold>, -ste and "
-                         "-learn (in any order), or best-learn") from None
+                         "-learn (in any order), or best-ste / best-learn") from None
     return flags + ["--surrogate", surrogate] + extra
 
 def read_results(path: Path) -> list[dict]:
@@ -177,11 +180,12 @@ def train_metrics(run_dir: Path) -> tuple[float, float]:
 
 
 def run_arm(arm: str, text: str, data_dir: str | None, args, done: list[dict]) -> dict:
-    if arm == "best-learn":
-        gif = [r for r in done if r["text"] == text and r["arm"].startswith("gif-") and not r["arm"].endswith("-learn")]
+    if arm in BEST:
+        gif = [r for r in done if r["text"] == text and r["arm"].startswith("gif-") and "-th" not in r["arm"]
+               and not r["arm"].endswith(("-learn", "-ste"))]
         if not gif:
-            raise SystemExit("error: best-learn needs a measured gif arm on this text first; run some gif arms")
-        arm = min(gif, key=lambda r: r["bpc"])["arm"] + "-learn"
+            raise SystemExit(f"error: {arm} needs a measured gif arm on this text first; run some gif arms")
+        arm = min(gif, key=lambda r: r["bpc"])["arm"] + arm[len("best"):]
         if any(r["text"] == text and r["arm"] == arm for r in done):
             return {}
     run_dir = Path(args.work_dir) / "runs" / text / arm
@@ -256,7 +260,7 @@ def main(argv=None):
         return plot(read_results(results), args.plot)
     arms = args.arms.split(",") if args.arms else DEFAULT_ARMS
     for arm in arms:
-        if arm != "best-learn":
+        if arm not in BEST:
             arm_flags(arm)  # unknown names fail before anything runs
     texts = args.texts.split(",")
     for text in texts:

@@ -12,6 +12,10 @@ POLARITIES = ("unipolar", "bipolar")
 # What --neuron gif (or quant) means when no other neuron flag is given: the best GIF arm of
 # benchmarks/gif_sweep.py at the tiny budget on the built-in corpus (results/gif_sweep.jsonl).
 GIF_DEFAULTS = dict(levels=2, polarity="bipolar", reset="soft", surrogate="atan")
+# The threshold when --v-threshold is not given: the reference LIF's (also for a one-level gif/quant,
+# which with unipolar hard-reset atan is the LIF), and for multi-level gif/quant the step the sweep found
+# best: finer than the LIF's, as the branch outputs it quantizes are mostly below 1 in magnitude.
+LIF_THRESHOLD, GIF_THRESHOLD = 1.0, 0.25
 
 
 @dataclass
@@ -26,7 +30,7 @@ class ModelConfig:
     dropout: float = 0.03  # on the residual stream after each block, training only
     layer_norm_eps: float = 1e-5
     tau: float = 2.0  # LIF membrane time constant
-    v_threshold: float = 1.0  # LIF firing threshold
+    v_threshold: float | None = None  # firing threshold; None: LIF_THRESHOLD, GIF_THRESHOLD for levels > 1
     surrogate_alpha: float = 2.0  # width of the arctan surrogate gradient
     binary_embedding: bool = True  # x = H(E[idx]); False feeds E[idx] itself
     spiking: bool = True  # False replaces every LIF by the identity (the plain RWKV twin)
@@ -62,6 +66,8 @@ class ModelConfig:
             if not self.spiking and self.neuron != "lif":
                 raise ValueError(f"--neuron {self.neuron} with --no-spike: the model has no neurons; "
                                  "drop one of the two flags")
+            if self.v_threshold is None:
+                self.v_threshold = LIF_THRESHOLD
             return
         if self.neuron == "quant" and self.reset is not None:
             raise ValueError("--reset: --neuron quant carries no membrane between tokens, so there is "
@@ -71,6 +77,8 @@ class ModelConfig:
                 setattr(self, k, default)
         if int(self.levels) < 1:
             raise ValueError(f"--levels {self.levels}: a GIF neuron needs at least one level; use --levels 1 or more")
+        if self.v_threshold is None:
+            self.v_threshold = GIF_THRESHOLD if self.levels > 1 else LIF_THRESHOLD
         for k, choices in (("polarity", POLARITIES), ("reset", ("hard", "soft")), ("surrogate", ("atan", "ste"))):
             value = getattr(self, k)
             if value is not None and value not in choices:
@@ -189,4 +197,4 @@ def preset(name: str) -> tuple[dict, dict]:
     return split_overrides(PRESETS[name])
 
 
-__all__ = ["ModelConfig", "NEURONS", "GIF_DEFAULTS", "TrainConfig", "PRESETS", "preset", "split_overrides", "resolve_device"]
+__all__ = ["ModelConfig", "NEURONS", "GIF_DEFAULTS", "GIF_THRESHOLD", "LIF_THRESHOLD", "TrainConfig", "PRESETS", "preset", "split_overrides", "resolve_device"]

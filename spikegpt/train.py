@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from . import cli, ops
 from .checkpoint import (atomic_save, build_checkpoint, checkpoint_path, latest_checkpoint, prune_checkpoints,
                          read_checkpoint, versions)
-from .config import GIF_DEFAULTS, NEURONS, POLARITIES, PRESETS, ModelConfig, TrainConfig, preset, split_overrides
+from .config import (GIF_DEFAULTS, GIF_THRESHOLD, LIF_THRESHOLD, NEURONS, POLARITIES, PRESETS, ModelConfig,
+                     TrainConfig, preset, split_overrides)
 from .data import default_corpus_dir, load_meta, open_split, sample_batch
 from .errors import UserError
 from .evaluate import evaluate_tokens
@@ -60,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-embd", type=cli.positive_int, default=None, help=f"model width (tiny: {preset('tiny')[0]['n_embd']})")
     a("--ctx-len", type=cli.positive_int, default=None, help="training context length (tokens)")
     a("--dropout", type=cli.fraction, default=None, help=f"residual dropout in [0, 1) (default {m.dropout})")
-    a("--v-threshold", type=cli.positive_float, default=None, help=f"LIF threshold (default {m.v_threshold})")
+    a("--v-threshold", type=cli.positive_float, default=None,
+      help=f"firing threshold (default {LIF_THRESHOLD}; {GIF_THRESHOLD} for gif and quant with --levels > 1)")
     a("--tau", type=cli.positive_float, default=None, help=f"LIF time constant (default {m.tau})")
     a("--no-spike", dest="spiking", action="store_false", default=None,
       help="ablation: LIF neurons become the identity and the embedding is not binarised (plain RWKV)")

@@ -172,6 +172,15 @@ def test_config_defaults_and_validation():
     old = {k: v for k, v in ModelConfig().to_dict().items()
            if k not in ("neuron", "levels", "polarity", "reset", "surrogate", "learn_threshold")}
     assert ModelConfig.from_dict(old).neuron == "lif"
+    # The default threshold: the LIF's for lif, a twin and one level; the finer GIF step for L > 1.
+    from spikegpt.config import GIF_THRESHOLD, LIF_THRESHOLD
+    assert GIF_THRESHOLD < LIF_THRESHOLD
+    assert ModelConfig().v_threshold == ModelConfig(spiking=False).v_threshold == LIF_THRESHOLD
+    assert ModelConfig(neuron="gif", levels=1).v_threshold == LIF_THRESHOLD
+    assert gif.v_threshold == quant.v_threshold == ModelConfig(neuron="gif", levels=8).v_threshold == GIF_THRESHOLD
+    assert ModelConfig(neuron="gif", v_threshold=0.7).v_threshold == 0.7
+    recorded = {**gif.to_dict(), "v_threshold": 1.0}  # a GIF checkpoint written before the finer default
+    assert ModelConfig.from_dict(recorded).v_threshold == 1.0
     for kw, match in [(dict(neuron="gif", levels=0), "--levels 0.*use --levels 1 or more"),
                       (dict(levels=2), "--levels: they configure --neuron gif.*add --neuron gif"),
                       (dict(learn_threshold=True), "--learn-threshold.*add --neuron gif"),
@@ -386,13 +395,14 @@ def test_sweep_arms_map_to_train_flags_and_results_append(tmp_path):
     sweep = _sweep()
     assert sweep.arm_flags("lif") == [] and sweep.arm_flags("twin") == ["--no-spike"]
     assert sweep.arm_flags("gif-L4-bipolar-soft-learn") == [
-        "--neuron", "gif", "--levels", "4", "--polarity", "bipolar", "--reset", "soft", "--learn-threshold",
-        "--surrogate", "atan"]
+        "--neuron", "gif", "--levels", "4", "--polarity", "bipolar", "--reset", "soft", "--surrogate", "atan",
+        "--learn-threshold"]
+    assert sweep.arm_flags("gif-L2-unipolar-hard-th0.5-ste")[-4:] == ["--surrogate", "ste", "--v-threshold", "0.5"]
     assert sweep.arm_flags("quant-L2-unipolar")[:4] == ["--neuron", "quant", "--levels", "2"]
-    for bad in ("gif-L2-bipolar", "quant-Lx-bipolar", "lifx"):
+    for bad in ("gif-L2-bipolar", "quant-Lx-bipolar", "lifx", "gif-L2-bipolar-soft-thx", "ste"):
         with pytest.raises(SystemExit, match="unknown arm"):
             sweep.arm_flags(bad)
-    assert len(set(sweep.DEFAULT_ARMS)) == len(sweep.DEFAULT_ARMS) == 2 + 12 + 6 + 1
+    assert len(set(sweep.DEFAULT_ARMS)) == len(sweep.DEFAULT_ARMS) == 2 + 12 + 6 + 2
     results = tmp_path / "r.jsonl"
     sweep.append_result(results, {"text": "builtin", "arm": "lif", "bpc": 2.2})
     sweep.append_result(results, {"text": "builtin", "arm": "twin", "bpc": 2.0})

@@ -20,7 +20,7 @@ from functools import partial
 from ..cli import (UserError, add_device_arg, add_dtype_arg, add_kernels_arg, add_threads_arg, load_model,
                    new_parser, nonneg_float, positive_float, positive_int, probability, run_cli, setup_runtime,
                    unit_interval, write_json)
-from ..config import PRESETS, ModelConfig, preset
+from ..config import LIF_THRESHOLD, PRESETS, ModelConfig, preset
 from .data import FORMATS, check_labels, read_examples, stratified_split
 from .model import POOLS, VOCABS, load_classifier, scratch_lm
 from .train import ClassifyConfig, autocast_for, cross_validate, encode, evaluate, predict_proba, run_split
@@ -62,7 +62,7 @@ def build_parser():
     g.add_argument("--lm-dropout", type=unit_interval, help=f"from scratch: residual dropout (default {m.dropout})")
     g.add_argument("--tau", type=positive_float, help=f"from scratch: LIF time constant (default {m.tau})")
     g.add_argument("--v-threshold", type=positive_float,
-                   help=f"LIF threshold: from scratch (default {m.v_threshold}), or a reference import's")
+                   help=f"threshold: from scratch (default {LIF_THRESHOLD}), or a reference import's")
     g.add_argument("--no-spike", dest="spiking", action="store_false", default=None,
                    help="from scratch: the non-spiking RWKV twin (ablation)")
     g.add_argument("--vocab", choices=VOCABS, default="byte",
