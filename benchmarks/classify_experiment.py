@@ -38,7 +38,7 @@ from spikegpt.classify.model import scratch_lm  # noqa: E402
 from spikegpt.classify.train import ClassifyConfig, run_split  # noqa: E402
 from spikegpt.data import prepare_splits  # noqa: E402
 from spikegpt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
-from spikegpt.tokenizer import train_bpe  # noqa: E402
+from spikegpt.tokenizer import train_bpe, unescape_bytes  # noqa: E402
 
 PUBLISHED = {  # sentence-level test accuracy (%), from the literature
     "TextCNN (Kim 2014)": {"mr": 81.5, "sst5": 48.0},
@@ -85,10 +85,12 @@ def pretrain(texts, name: str, args, log) -> tuple[Path, list[str], float]:
     run_dir = work / f"{name}-lm-{vocab}-{args.n_layer}x{args.n_embd}-{args.lm_iters}"
     start = time.perf_counter()
     if not (data_dir / "meta.json").is_file():
-        text = ("\n".join(texts) + "\n").encode("utf-8", "surrogateescape")
-        tokenizer = train_bpe(texts, args.bpe_vocab_size) if args.vocab == "bpe" else None
+        if args.vocab == "bpe":  # valid UTF-8 as the BPE reads it: a non-UTF-8 byte is its Latin-1 character
+            text, tokenizer = "\n".join(map(unescape_bytes, texts)) + "\n", train_bpe(texts, args.bpe_vocab_size)
+        else:
+            text, tokenizer = "\n".join(texts) + "\n", None
         prepare_splits(text, data_dir, args.vocab, tokenizer=tokenizer, val_fraction=0.02,
-                       source=f"training sentences of {name}", utf8_errors="surrogateescape", overwrite=True)
+                       source=f"training sentences of {name}", overwrite=True)
     cmd = [sys.executable, str(REPO / "train.py"), "--data-dir", str(data_dir), "--out-dir", str(run_dir),
            "--preset", "tiny", "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd),
            "--max-iters", str(args.lm_iters), "--eval-interval", "0", "--eval-max-tokens", "16384",

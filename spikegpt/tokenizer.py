@@ -372,11 +372,11 @@ class BPETokenizer(Tokenizer):
         return self._tok.token_to_id(unk) if unk else None
 
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(_unescape_bytes(text), add_special_tokens=False).ids)
+        return list(self._tok.encode(unescape_bytes(text), add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode several independent texts (in parallel, inside ``tokenizers``)."""
-        return [e.ids for e in self._tok.encode_batch([_unescape_bytes(t) for t in texts], add_special_tokens=False)]
+        return [e.ids for e in self._tok.encode_batch([unescape_bytes(t) for t in texts], add_special_tokens=False)]
 
     def encode_array(self, text: str) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
@@ -406,7 +406,7 @@ _ESCAPES = {c: chr(c - 0xDC00) for c in range(0xDC80, 0xDD00)}
 _ESCAPE = re.compile("[\udc80-\udcff]")
 
 
-def _unescape_bytes(text: str) -> str:
+def unescape_bytes(text: str) -> str:
     """``text`` with each surrogate escape U+DC80..U+DCFF (a byte that is not UTF-8, as the data layer
     reads it) replaced by the Latin-1 character of that byte: ``tokenizers`` takes valid strings only,
     and a Latin-1 file (e.g. rt-polarity.all) then tokenizes as the text it is.  Such text does not
@@ -491,5 +491,5 @@ def train_bpe(texts: Iterable[str] | Iterator[str], vocab_size: int, *, min_freq
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=special_tokens, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((_unescape_bytes(t) for t in texts), trainer=trainer)
+    tok.train_from_iterator((unescape_bytes(t) for t in texts), trainer=trainer)
     return BPETokenizer.from_json(tok.to_str())
