@@ -4,6 +4,7 @@
     python benchmarks/gif_sweep.py --texts rt-polarity --rt-polarity rt-polarity.all
     python benchmarks/gif_sweep.py --arms lif,twin,gif-L2-bipolar-soft --max-iters 200
     python benchmarks/gif_sweep.py --plot gif_sweep.png               # BPC vs effective bits, from the results
+    python benchmarks/gif_sweep.py --table                            # the results as a markdown table
 
 Every arm trains the ``tiny`` preset (2000 iterations unless ``--max-iters``) with the same seed and
 schedule through ``train.py`` (one subprocess per arm), then records, in one JSON line per (text, arm)
@@ -209,6 +210,25 @@ def run_arm(arm: str, text: str, data_dir: str | None, args, done: list[dict]) -
     return record
 
 
+def table(records: list[dict]) -> str:
+    """The results as a markdown table: per text, the twin and lif first, then by bits per byte."""
+    lines = ["| text | arm | val bits/byte | gap closed | firing rate | mean abs s | effective bits | "
+             "synaptic ops/token | s/step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for text in TEXTS:
+        rs = [r for r in records if r["text"] == text]
+        ends = {r["arm"]: r["bpc"] for r in rs if r["arm"] in ("lif", "twin")}
+        rank = {"twin": 0, "lif": 1}
+        for r in sorted(rs, key=lambda r: (rank.get(r["arm"], 2), r["bpc"])):
+            gap = (f"{100 * (ends['lif'] - r['bpc']) / (ends['lif'] - ends['twin']):.1f}%"
+                   if len(ends) == 2 else "–")
+            num = (lambda v, f: "–" if v is None else format(v, f))
+            synops = "–" if r.get("synops_per_token") is None else f"{r['synops_per_token'] / 1e3:.0f}k"
+            lines.append(f"| {text} | `{r['arm']}` | {r['bpc']:.4f} | {gap} | {num(r.get('firing_rate'), '.3f')} | "
+                         f"{num(r.get('mean_abs_s'), '.3f')} | {num(r.get('effective_bits'), '.2f')} | {synops} | "
+                         f"{r['seconds_per_step']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(records: list[dict], out: str) -> None:
     """BPC against effective bits per neuron-token, one panel per text, the twin as a line."""
     import matplotlib  # optional (the `plot` extra), imported only here
@@ -254,10 +274,13 @@ def main(argv=None):
     p.add_argument("--stat-tokens", type=int, default=8192, help="validation tokens of the spike statistics")
     p.add_argument("--stat-streams", type=int, default=16, help="sequences those tokens are cut into")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="only plot the results file to OUT.png")
+    p.add_argument("--table", action="store_true", help="only print the results file as a markdown table")
     args = p.parse_args(argv)
     results = Path(args.results)
-    if args.plot:
-        return plot(read_results(results), args.plot)
+    if args.plot or args.table:
+        if args.table:
+            print(table(read_results(results)), end="")
+        return plot(read_results(results), args.plot) if args.plot else None
     arms = args.arms.split(",") if args.arms else DEFAULT_ARMS
     for arm in arms:
         if arm not in BEST:
