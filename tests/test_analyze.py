@@ -297,7 +297,8 @@ def test_gif_statistics_and_synaptic_operations_of_known_spike_counts(monkeypatc
     n = lv["branches"][0]["level_counts"][2] * 2  # neuron-tokens per branch
     assert lv["levels"] == [-2, -1, 0, 1, 2] and n == 40 * C
     assert lv["level_counts"] == [2 * n // 4, 0, 2 * n // 2 + 2 * 3 * n // 4, 0, 2 * n // 2]
-    assert (lv["firing_rate"], lv["mean_abs_s"], lv["effective_bits"]) == pytest.approx((0.375, 0.75, (1 + h_quarter) / 2))
+    expected = (0.375, 0.75, (1 + h_quarter) / 2)  # pooled rate and |s|; bits: the mean over branches
+    assert (lv["firing_rate"], lv["mean_abs_s"], lv["effective_bits"]) == pytest.approx(expected)
     # (b): the residual adds, C * mean |s| per layer and branch.
     assert report["conventions"]["code"]["synops"] == pytest.approx(2 * C * 1.0 + 2 * C * 0.5)
     # (a): also every spike-driven projection, fan-in * fan-out * mean |s| of its input spikes.
