@@ -19,7 +19,8 @@ appended to ``benchmarks/results/gif_sweep.jsonl``:
   neuron-token can carry at the measured level usage), ``level_histogram`` (counts per spike count,
   summed over branches), and ``synops_per_token``: spike-count-weighted synaptic operations,
   ``sum |s| x fan-out`` per token, i.e. the accumulates of the spike-driven projections and residual
-  adds of ``spikegpt.energy``'s ``paper`` convention with each rate replaced by the mean ``|s|``;
+  adds of ``spikegpt.energy``'s ``paper`` convention, which counts each spike count s as |s| events
+  (``spikegpt.spikes.spike_summary`` and ``spikegpt.energy.synaptic_operations`` compute them all);
 * ``seconds_per_step``: the median over train's log windows of (tokens per step / tokens per second).
 
 Arms: ``lif``, ``twin`` (``--no-spike``), ``gif-L{L}-{polarity}-{reset}`` and ``quant-L{L}-{polarity}``
@@ -130,18 +131,18 @@ def prepare_rt_polarity(source: Path, work: Path) -> Path:
 
 
 def spike_statistics(run_dir: Path, data_dir: str, n_tokens: int, streams: int) -> dict:
-    """Level usage and synaptic operations of the trained model (module docstring)."""
+    """Level usage and synaptic operations of the trained model (module docstring), from
+    ``spikegpt.spikes.spike_summary`` and ``spikegpt.energy.synaptic_operations``."""
     import numpy as np
     import torch
 
     import spikegpt
-    from spikegpt.energy import MATMUL_ROWS, count_rwkv
-    from spikegpt.spikes import SpikeRates, record_spikes
     from spikegpt.data import open_split
+    from spikegpt.energy import count_rwkv, synaptic_operations
+    from spikegpt.spikes import SpikeRates, record_spikes, spike_summary
 
     model = spikegpt.load(run_dir)
-    cfg = model.config
-    if not cfg.spiking:
+    if not model.config.spiking:
         return {"firing_rate": None, "mean_abs_s": None, "effective_bits": None, "level_histogram": None,
                 "synops_per_token": None}
     tokens = np.asarray(open_split(data_dir, "val")[:n_tokens], dtype=np.int64)
@@ -149,24 +150,12 @@ def spike_statistics(run_dir: Path, data_dir: str, n_tokens: int, streams: int) 
     idx = torch.from_numpy(tokens[:streams * T].reshape(streams, T))
     with torch.no_grad(), record_spikes(model) as m:
         m(idx)
-    branches = [(name, block.lif1 if name == "att" else block.lif2) for block in m.blocks for name in ("att", "ffn")]
-    values = branches[0][1].level_values
-    hist = sum(n.level_counts.double() for _, n in branches)
-    bits = []
-    for _, n in branches:
-        p = n.level_counts.double() / n.level_counts.sum()
-        bits.append(float(-(p[p > 0] * p[p > 0].log2()).sum()))
-    per = {name: [float(n.spike_abs.sum()) / (n.spike_steps * cfg.n_embd) for b, n in branches if b == name]
-           for name in ("att", "ffn")}
-    emb = float(m.emb.spike_ones) / m.emb.spike_elems if cfg.binary_embedding else None
-    rows = count_rwkv(cfg, SpikeRates(emb=emb, att=per["att"], ffn=per["ffn"]), "paper")
-    spike_rows = MATMUL_ROWS | {"att.residual", "ffn.residual"}
-    steps = sum(n.spike_steps for _, n in branches)
-    return {"firing_rate": sum(float(n.spike_counts.sum()) for _, n in branches) / (steps * cfg.n_embd),
-            "mean_abs_s": sum(float(n.spike_abs.sum()) for _, n in branches) / (steps * cfg.n_embd),
-            "effective_bits": sum(bits) / len(bits),
-            "level_histogram": {str(v): int(c) for v, c in zip(values, hist.tolist())},
-            "synops_per_token": sum(r["ac"] for k, r in rows.items() if k in spike_rows)}
+    summary = spike_summary(m)
+    rows = count_rwkv(m.config, SpikeRates.from_model(m), "paper")
+    return {"firing_rate": summary["firing_rate"], "mean_abs_s": summary["mean_abs_s"],
+            "effective_bits": summary["effective_bits"],
+            "level_histogram": {str(v): c for v, c in zip(summary["levels"], summary["level_counts"])},
+            "synops_per_token": synaptic_operations(rows)}
 
 
 def train_metrics(run_dir: Path) -> tuple[float, float]:

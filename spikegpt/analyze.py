@@ -1,19 +1,26 @@
-"""``python -m spikegpt.analyze``: firing rates, operation counts, energy estimates and spike rasters
-of a model on a split (the report and its plots; recording is :mod:`spikegpt.spikes`, the operation
-model :mod:`spikegpt.energy`).
+"""``python -m spikegpt.analyze``: firing rates, spike levels, operation counts, energy estimates and
+spike rasters of a model on a split (the report and its plots; recording and the spike statistics are
+:mod:`spikegpt.spikes`, the operation model :mod:`spikegpt.energy`).
+
+For every spiking model the report gives per layer and branch the firing rate (share of non-zero
+outputs), the share of silent neurons and the effective bits per neuron-token (entropy of the level
+distribution); for multi-level neurons (``gif``, ``quant``) also the mean |s| and the level
+histogram; and under each spiking convention the synaptic operations per token (sum |s| x fan-out).
 
 CLI: ``python -m spikegpt.analyze --ckpt RUN_OR_FILE [--data-dir DIR] [--split val] [--tokens N]
 [--json OUT] [--raster PNG [--raster-prompt TEXT] [--raster-layer L]] [--e-mac 4.6] [--e-ac 0.9]``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import UserError
 from .energy import (E_AC_45NM, E_MAC_45NM, MATMUL_ROWS, count_rwkv, count_transformer, summarize_counts,
-                     transformer_heads)
+                     synaptic_operations, transformer_heads)
 from .spikes import (SpikeRates, all_reduce_spike_stats, firing_rates, neuron_branches, record_spikes, reset_spike_stats,
-                     spike_stats, unwrap)
+                     spike_stats, spike_summary, unwrap)
 
 __all__ = ["record_spikes", "firing_rates", "spike_stats", "reset_spike_stats", "all_reduce_spike_stats",
            "SpikeRates", "count_rwkv", "count_transformer", "summarize_counts", "analyze", "E_MAC_45NM", "E_AC_45NM",
@@ -27,7 +34,8 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
             e_mac: float = E_MAC_45NM, e_ac: float = E_AC_45NM, ctx_len: int | None = None,
             device=None) -> dict:
     """Run ``model`` over the first ``n_tokens`` (+1) of ``tokens`` (state carried across windows)
-    recording spikes, and return the report dict (rates, counts under every convention, energy)."""
+    recording spikes, and return the report dict (rates, levels, counts under every convention,
+    synaptic operations, energy)."""
     from .evaluate import evaluate_tokens
 
     from .spikify.convert import input_spike_rows, input_spike_stats, recording_input_spikes
@@ -51,14 +59,21 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
                 row[b["branch"]] = b["rate"]
                 row[b["branch"] + "_silent"] = float((pn == 0).double().mean())  # never spiked
                 row[b["branch"] + "_max_neuron"] = float(pn.max())
+                row[b["branch"] + "_mean_abs_s"] = b["mean_abs_s"]
+                row[b["branch"] + "_effective_bits"] = b["effective_bits"]
         layers.append(row)
+    summary = spike_summary(base) if spiking else None
+    levels = None if summary is None else {
+        **summary, "branches": [{"branch": b["branch"], "layer": b["layer"], "level_counts": b["level_counts"]}
+                                for b in stats["branches"]]}
     conventions = {}
     for conv in ("paper", "code", "rwkv"):
         rows = count_rwkv(config, rates, conv if spiking else "rwkv", spike_inputs if conv == "code" else None)
-        conventions[conv] = {"modules": rows, **summarize_counts(rows, e_mac, e_ac)}
+        conventions[conv] = {"modules": rows, **summarize_counts(rows, e_mac, e_ac),
+                             "synops": synaptic_operations(rows) if spiking and conv != "rwkv" else None}
     T = ctx_len or config.ctx_len
     rows = count_transformer(config, T)
-    conventions["transformer"] = {"modules": rows, **summarize_counts(rows, e_mac, e_ac)}
+    conventions["transformer"] = {"modules": rows, **summarize_counts(rows, e_mac, e_ac), "synops": None}
     notes = []
     if not spiking:
         notes.append("the model does not spike: no firing rates; every convention counts it as the plain RWKV")
@@ -73,6 +88,7 @@ def analyze(model, tokens, n_tokens: int = 4096, window: int | None = None, stre
         "loss": ev["loss"], "bits_per_token": ev["bits_per_token"],
         "firing_rates": {"embedding_ones": stats["emb"], "layers": layers,
                          **{k: v for k, v in firing_rates(base).items() if k in ("att", "ffn", "all")}},
+        "levels": levels,
         "e_mac_pj": e_mac, "e_ac_pj": e_ac,
         "transformer": {"ctx_len": T, "n_head": transformer_heads(config.n_embd),
                         "mean_keys_per_query": (T + 1) / 2},
@@ -105,23 +121,47 @@ def _rate(x) -> str:
 
 def format_report(report: dict) -> str:
     cfg = report["model"]
+    multi = cfg.get("neuron", "lif") != "lif" and report.get("levels") is not None
+    neuron = cfg.get("neuron", "lif") + (f" L{cfg['levels']} {cfg['polarity']}" if multi else "")
     lines = [f"model: L{cfg['n_layer']} C{cfg['n_embd']} V{cfg['vocab_size']} ({cfg['n_params']:,} params, "
-             f"spiking={cfg['spiking']}, binary_embedding={cfg['binary_embedding']}); "
+             f"spiking={cfg['spiking']}, neuron={neuron}, binary_embedding={cfg['binary_embedding']}); "
              f"{report['tokens_analyzed']:,} tokens, loss {report['loss']:.4f} "
              f"({report['bits_per_token']:.4f} bits/token)", ""]
     fr = report["firing_rates"]
-    lines.append("firing rates (fraction of neurons spiking per token; silent = share of neurons that never spiked)")
+    lines.append("firing rates (fraction of neurons spiking per token; silent = share of neurons that never spiked; "
+                 "bits = effective bits per neuron-token, the entropy of the spike levels"
+                 + ("; |s| = mean spike count magnitude per neuron-token)" if multi else ")"))
     lines.append(f"  binary embedding, fraction of ones: {_rate(fr['embedding_ones'])}")
-    lines.append(f"  {'layer':>5}  {'att':>7}  {'ffn':>7}  {'att silent':>10}  {'ffn silent':>10}")
+    extra = [("att_effective_bits", "att bits"), ("ffn_effective_bits", "ffn bits")]
+    extra += [("att_mean_abs_s", "att |s|"), ("ffn_mean_abs_s", "ffn |s|")] if multi else []
+    lines.append(f"  {'layer':>5}  {'att':>7}  {'ffn':>7}  {'att silent':>10}  {'ffn silent':>10}"
+                 + "".join(f"  {label:>8}" for _, label in extra))
     for row in fr["layers"]:
         lines.append(f"  {row['layer']:>5}  {_rate(row.get('att')):>7}  {_rate(row.get('ffn')):>7}  "
-                     f"{_rate(row.get('att_silent')):>10}  {_rate(row.get('ffn_silent')):>10}")
+                     f"{_rate(row.get('att_silent')):>10}  {_rate(row.get('ffn_silent')):>10}"
+                     + "".join(f"  {_rate(row.get(key)):>8}" for key, _ in extra))
     if "all" in fr:
         lines.append(f"  {'mean':>5}  {_rate(fr.get('att')):>7}  {_rate(fr.get('ffn')):>7}")
+    lv = report.get("levels")
+    if lv is not None:
+        lines.append(f"  all branches: firing rate {_rate(lv['firing_rate'])}, "
+                     + (f"mean |s| {_rate(lv['mean_abs_s'])}, " if multi else "")
+                     + f"effective bits {_rate(lv['effective_bits'])} (mean over branches; at most "
+                     f"log2 {len(lv['levels'])} = {math.log2(len(lv['levels'])):.3g})")
+    if multi:
+        lines.append("")
+        lines.append("spike levels (share of neuron-tokens emitting each spike count s)")
+        lines.append(f"  {'branch':>7}" + "".join(f"{'s=' + str(v):>8}" for v in lv["levels"]))
+        for b in lv["branches"] + [{"branch": "all", "layer": None, "level_counts": lv["level_counts"]}]:
+            name = b["branch"] if b["layer"] is None else f"{b['branch']}.{b['layer']}"
+            counts = b["level_counts"] or [None] * len(lv["levels"])
+            total = sum(c or 0 for c in counts)
+            lines.append(f"  {name:>7}" + "".join(f"{_rate(None if c is None else c / total):>8}" for c in counts))
     lines.append("")
     conv = report["conventions"]
     lines.append("operations per token, summed over layers: (a) paper = projections as spike-driven ACs at the "
-                 "measured rate; (b) code = what is computed (matmuls read real values: MAC); RWKV = non-spiking twin")
+                 "measured rate" + (" (mean |s|: a spike count s is |s| accumulates)" if multi else "")
+                 + "; (b) code = what is computed (matmuls read real values: MAC); RWKV = non-spiking twin")
     head = f"  {'module':<26}{'(a) MAC':>10}{'(a) AC':>10}{'(b) MAC':>10}{'(b) AC':>10}{'RWKV MAC':>10}{'RWKV AC':>10}"
     lines.append(head)
     for name in conv["code"]["modules"]:
@@ -132,6 +172,9 @@ def format_report(report: dict) -> str:
         mark = "*" if name in MATMUL_ROWS else " "
         lines.append(f"  {name + mark:<26}" + "".join(f"{x:>10}" for x in cells))
     lines.append("  (* = matmul)")
+    if conv["paper"].get("synops") is not None:
+        lines.append("synaptic operations per token (the ACs that spikes drive, sum |s| x fan-out): "
+                     f"(a) paper {_fmt(conv['paper']['synops'])}, (b) code {_fmt(conv['code']['synops'])}")
     lines.append("")
     tr = report["transformer"]
     lines.append(f"same-size Transformer (GPT-style, {tr['n_head']} heads, ctx {tr['ctx_len']}: "
@@ -192,10 +235,21 @@ def _require_matplotlib():
     return plt
 
 
+def _savefig(fig, path) -> None:
+    """Write a figure atomically, in the format its name ends with (PNG without a suffix), and close it."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_write
+    atomic_write(path, lambda f: fig.savefig(f, format=Path(path).suffix[1:].lower() or "png", dpi=130))
+    plt.close(fig)
+
+
 @torch.no_grad()
 def prompt_spikes(model, ids: list, device=None) -> dict:
-    """Spikes of every LIF for one prompt: ``{"att": [(T, C) bool per layer], "ffn": [...],
-    "emb": (T, C) bool or None}`` (parallel forward from the zero state)."""
+    """Spikes of every neuron for one prompt: ``{"att": [(T, C) per layer: bool for lif, int8 spike
+    counts otherwise], "ffn": [...], "emb": (T, C) bool or None}`` (parallel forward from the zero state)."""
     base = unwrap(model)
     device = device or next(base.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)
@@ -214,7 +268,7 @@ def prompt_spikes(model, ids: list, device=None) -> dict:
 
 def plot_raster(model, ids: list, tokenizer, path, layer: int = 0, device=None) -> str:
     """Write a spike raster of ``layer`` for the prompt ``ids`` (tokens on x, neurons on y, one panel
-    per branch) to ``path``; returns the path."""
+    per branch; multi-level neurons shaded by spike count) to ``path``; returns the path."""
     plt = _require_matplotlib()
     base = unwrap(model)
     L = base.config.n_layer
@@ -225,17 +279,23 @@ def plot_raster(model, ids: list, tokenizer, path, layer: int = 0, device=None) 
         raise ValueError("the model does not spike (spiking=False): there is no raster to draw")
     spikes = prompt_spikes(base, ids, device)
     T, C = len(ids), base.config.n_embd
+    values = neuron_branches(base)[0][2].level_values
+    lo, hi, binary = min(values), max(values), tuple(values) == (0, 1)
     width = min(24.0, max(8.0, 0.2 * T + 2.5))
     panel_h = min(7.0, max(2.5, C / 40))
     fig, axes = plt.subplots(2, 1, figsize=(width, 2 * panel_h + 1.2), sharex=True, constrained_layout=True)
-    labels = {"att": "TimeMix (att) LIF", "ffn": "ChannelMix (ffn) LIF"}
+    kind = base.config.neuron.upper()
+    labels = {"att": f"TimeMix (att) {kind}", "ffn": f"ChannelMix (ffn) {kind}"}
     for ax, name in zip(axes, ("att", "ffn")):
         s = spikes[name][layer].float().numpy()  # (T, C)
-        ax.imshow(s.T, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1,
-                  extent=(-0.5, T - 0.5, C - 0.5, -0.5))
+        im = ax.imshow(s.T, aspect="auto", interpolation="nearest", cmap="RdBu_r" if lo < 0 else "Greys",
+                       vmin=lo, vmax=hi, extent=(-0.5, T - 0.5, C - 0.5, -0.5))
         ax.set_ylabel("neuron (channel)")
-        ax.set_title(f"layer {layer} {labels[name]}: {s.mean():.1%} of neurons spike per token "
-                     f"({int(s.sum())} spikes, {T} tokens x {C} neurons)", fontsize=10)
+        counted = f"{int(s.sum())} spikes" if binary else f"{int(abs(s).sum())} events |s|"
+        ax.set_title(f"layer {layer} {labels[name]}: {(s != 0).mean():.1%} of neurons spike per token "
+                     f"({counted}, {T} tokens x {C} neurons)", fontsize=10)
+        if not binary:
+            fig.colorbar(im, ax=ax, label="spike count s", ticks=list(values) if len(values) <= 9 else None)
     ax = axes[-1]
     if T <= 64:
         labels = [_token_label(tokenizer, i) for i in ids]
@@ -245,9 +305,9 @@ def plot_raster(model, ids: list, tokenizer, path, layer: int = 0, device=None) 
         ax.set_xlabel("prompt token (\u2423 = space, \u21b5 = newline)")
     else:
         ax.set_xlabel("token position")
-    fig.suptitle(f"Spike raster (black = spike) for a {T}-token prompt", fontsize=11)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    shading = "black = spike" if binary else "shade = spike count"
+    fig.suptitle(f"Spike raster ({shading}) for a {T}-token prompt", fontsize=11)
+    _savefig(fig, path)
     return str(path)
 
 
@@ -262,7 +322,8 @@ def plot_rates(report: dict, path) -> str:
     ffn = np.array([r.get("ffn", np.nan) for r in layers], dtype=float)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * L + 3), 4), constrained_layout=True)
     x = np.arange(L)
-    for offset, values, label in ((-0.2, att, "TimeMix (att) LIF"), (0.2, ffn, "ChannelMix (ffn) LIF")):
+    kind = report["model"].get("neuron", "lif").upper()
+    for offset, values, label in ((-0.2, att, f"TimeMix (att) {kind}"), (0.2, ffn, f"ChannelMix (ffn) {kind}")):
         bars = ax.bar(x + offset, values, 0.4, label=label)
         if L <= 24:
             ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.1%}" for v in values], fontsize=7)
@@ -282,16 +343,45 @@ def plot_rates(report: dict, path) -> str:
     ax.set_title(f"Firing rates over {report['tokens_analyzed']:,} tokens of {report.get('split', 'the text')}",
                  fontsize=11)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    _savefig(fig, path)
     return str(path)
 
 
-def rates_path(raster_path) -> str:
+def plot_levels(report: dict, path) -> str:
+    """Heat map of the level histogram: one row per layer and branch (+ all branches), one column
+    per spike count, shaded and labelled by the share of neuron-tokens (a multi-level model's report)."""
+    plt = _require_matplotlib()
+    import numpy as np
+
+    lv = report["levels"]
+    names = [f"{b['branch']}.{b['layer']}" for b in lv["branches"]] + ["all"]
+    counts = [b["level_counts"] or [0] * len(lv["levels"]) for b in lv["branches"]] + [lv["level_counts"]]
+    share = np.array([np.array(c, dtype=float) / max(sum(c), 1) for c in counts])
+    K, R = len(lv["levels"]), len(names)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * K + 2.5), max(3.0, 0.3 * R + 1.6)), constrained_layout=True)
+    im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    if K * R <= 400:
+        for i in range(R):
+            for j in range(K):
+                ax.text(j, i, f"{share[i, j]:.0%}" if share[i, j] >= 0.005 else "", ha="center", va="center",
+                        fontsize=7, color="white" if share[i, j] < 0.6 else "black")
+    ax.set_xticks(range(K))
+    ax.set_xticklabels([str(v) for v in lv["levels"]])
+    ax.set_yticks(range(R))
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel("spike count s")
+    fig.colorbar(im, ax=ax, label="share of neuron-tokens")
+    ax.set_title(f"Spike levels over {report['tokens_analyzed']:,} tokens\nfiring rate {lv['firing_rate']:.1%}, "
+                 f"mean |s| {lv['mean_abs_s']:.3f}, {lv['effective_bits']:.2f} effective bits", fontsize=10)
+    _savefig(fig, path)
+    return str(path)
+
+
+def rates_path(raster_path, suffix: str = "_rates") -> str:
     from pathlib import Path
 
     p = Path(raster_path)
-    return str(p.with_name(p.stem + "_rates" + (p.suffix or ".png")))
+    return str(p.with_name(p.stem + suffix + (p.suffix or ".png")))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +403,8 @@ def build_parser():
     p.add_argument("--e-mac", type=cli.nonneg_float, default=E_MAC_45NM, help="energy of one MAC (pJ)")
     p.add_argument("--e-ac", type=cli.nonneg_float, default=E_AC_45NM, help="energy of one AC (pJ)")
     cli.add_json_arg(p)
-    p.add_argument("--raster", help="write a spike raster PNG for --raster-prompt (and NAME_rates.png)")
+    p.add_argument("--raster", help="write a spike raster PNG for --raster-prompt (and NAME_rates.png; "
+                   "NAME_levels.png for multi-level neurons)")
     p.add_argument("--raster-prompt", default="The quick brown fox jumps over the lazy dog.",
                    help="prompt for the raster")
     p.add_argument("--raster-layer", type=int, default=0, help="layer shown in the raster (negative: from the end)")
@@ -358,8 +449,12 @@ def run(args) -> None:
         rp = rates_path(args.raster)
         plot_rates(report, rp)
         print(f"rates:  {rp}")
+        lp = None
+        if model.config.spiking and model.config.neuron != "lif":
+            lp = plot_levels(report, rates_path(args.raster, "_levels"))
+            print(f"levels: {lp}")
         report["raster"] = {"path": args.raster if model.config.spiking else None, "rates_path": rp,
-                            "prompt": args.raster_prompt, "layer": args.raster_layer}
+                            "levels_path": lp, "prompt": args.raster_prompt, "layer": args.raster_layer}
     if args.json_out:
         cli.write_json(args.json_out, _to_jsonable(report))
 

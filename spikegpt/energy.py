@@ -1,7 +1,10 @@
 """Operation counts and energy per token, under the conventions of the SpikeGPT paper and of this code.
 
 Notation: L layers, C = n_embd, F = ffn_mult * C, V = vocab; rho_emb the fraction of ones of the binary
-embedding, rho_att[l] / rho_ffn[l] the measured firing rates of layer l's TimeMix / ChannelMix LIF.
+embedding, rho_att[l] / rho_ffn[l] the measured spike events per neuron-token of layer l's TimeMix /
+ChannelMix neuron: its firing rate for binary LIF spikes, and its mean |s| for the integer spike counts
+s of multi-level neurons (``gif``, ``quant``), which merge |s| binary events into one step, so that a
+spike count s costs |s| accumulates of its fan-out (spike-count-weighted synaptic operations).
 MAC = multiply(-accumulate), AC = accumulate (an addition).  Energy = MACs * E_MAC + ACs * E_AC
 (45 nm: E_MAC = 4.6 pJ, a 32-bit float multiply 3.7 pJ + add 0.9 pJ; E_AC = 0.9 pJ, a float add).
 Elementwise arithmetic is counted with one rule: an add, subtract or comparison alone is 1 AC; a
@@ -40,7 +43,8 @@ head                     V C
 WKV per channel and token (docs/model.md §2): ``u + k``, ``max(o, u+k)``, two
 exponent subtractions, ``w + o``, ``max(w+o, k)``, two more subtractions = 8 AC; ``e1 p + e2 v``,
 ``e1 q + e2`` for the output and again for the state update = 6 MAC; 4 exp and 1 division = 5
-MAC-equivalents.  The residual add of a spike tensor is event-driven: only a 1 needs an addition.
+MAC-equivalents.  The residual add of a spike tensor is event-driven: only a 1 needs an addition (a
+spike count s, |s| additions of theta).
 
 Convention (a), ``paper`` -- the SpikeGPT paper's premise that the network is driven by spikes: every
 projection (and the head) is a spike-driven accumulate, ``rate * fan_in * fan_out`` ACs and no MAC,
@@ -83,6 +87,8 @@ them to convention (b); convention (a) keeps the paper's premise.
 
 "Matmul" totals (projections, attention products and the head) are reported beside the totals over
 every counted operation; the paper-style headline figure is the matmul total of convention (a).
+Synaptic operations (``synaptic_operations``) are the ACs that spikes drive, ``sum |s| x fan-out`` per
+token: the residual adds (fan-out 1) and, in convention (a), the spike-driven projections and head.
 """
 from __future__ import annotations
 
@@ -92,13 +98,16 @@ from .spikes import SpikeRates
 E_MAC_45NM = 4.6  # pJ, 32-bit float multiply-accumulate (45 nm)
 E_AC_45NM = 0.9  # pJ, 32-bit float add (45 nm)
 
-__all__ = ["count_rwkv", "count_transformer", "transformer_heads", "summarize_counts", "MATMUL_ROWS",
-           "E_MAC_45NM", "E_AC_45NM"]
+__all__ = ["count_rwkv", "count_transformer", "transformer_heads", "summarize_counts", "synaptic_operations",
+           "MATMUL_ROWS", "SPIKE_DRIVEN_ROWS", "E_MAC_45NM", "E_AC_45NM"]
 
 
 # Rows that are matrix products (projections, attention products, head).
 MATMUL_ROWS = {"att.key_value_receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value", "head",
                "attn.qkv", "attn.scores", "attn.weighted_sum", "attn.output", "mlp.fc", "mlp.proj"}
+# Rows of count_rwkv whose ACs, in a spiking convention, are accumulates driven by spikes.
+SPIKE_DRIVEN_ROWS = {"att.key_value_receptance", "att.output", "att.residual", "ffn.key", "ffn.receptance",
+                     "ffn.value", "ffn.residual", "head"}
 
 
 def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention: str = "code",
@@ -106,7 +115,8 @@ def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention:
     """Per-token ``{module: {"mac": n, "ac": n}}`` for the RWKV family (see the module docstring).
 
     ``convention``: ``"code"`` (b), ``"paper"`` (a) or ``"rwkv"`` (the non-spiking twin).  ``code``
-    and ``paper`` need the measured ``rates`` of a spiking model; for a non-spiking model they equal
+    and ``paper`` need the measured ``rates`` of a spiking model (spike-driven rows take their mean |s|
+    where given, see :class:`~spikegpt.spikes.SpikeRates`); for a non-spiking model they equal
     ``rwkv``.  ``spike_inputs``: measured ``{matmul row: {"mac", "ac"}}`` of spike-encoded linear
     inputs, which replace those rows."""
     if convention not in ("code", "paper", "rwkv"):
@@ -116,6 +126,9 @@ def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention:
     if spiking and (rates is None or rates.att is None or rates.ffn is None
                     or None in rates.att or None in rates.ffn):
         raise ValueError(f"convention {convention!r} of a spiking model needs measured firing rates")
+    att_events, ffn_events = rates.events() if spiking else (None, None)
+    if spiking and (None in att_events or None in ffn_events):
+        raise ValueError(f"convention {convention!r} of a spiking model needs measured mean |s| where given")
     rows = {
         "embedding": (0, 0),
         "layernorm": ((2 * L + 2) * 3 * C, (2 * L + 2) * 2 * C),
@@ -125,7 +138,7 @@ def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention:
         "att.gate": (L * 2 * C, 0),
         "att.output": (L * C * C, 0),
         "att.lif": (L * C, L * 2 * C) if spiking else (0, 0),
-        "att.residual": (0, C * sum(rates.att)) if spiking else (0, L * C),
+        "att.residual": (0, C * sum(att_events)) if spiking else (0, L * C),
         "ffn.shift_mix": (L * 2 * 2 * C, 0),
         "ffn.key": (L * C * F, 0),
         "ffn.relu_square": (L * F, L * F),
@@ -133,13 +146,13 @@ def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention:
         "ffn.value": (L * F * C, 0),
         "ffn.gate": (L * 2 * C, 0),
         "ffn.lif": (L * C, L * 2 * C) if spiking else (0, 0),
-        "ffn.residual": (0, C * sum(rates.ffn)) if spiking else (0, L * C),
+        "ffn.residual": (0, C * sum(ffn_events)) if spiking else (0, L * C),
         "head": (V * C, 0),
     }
     if convention == "paper" and spiking:
         emb_in = rates.emb if config.binary_embedding else None
-        rho_att_in = [emb_in] + list(rates.ffn[:-1])  # spikes entering each TimeMix branch
-        rho_ffn_in = list(rates.att)  # spikes entering each ChannelMix branch
+        rho_att_in = [emb_in] + list(ffn_events[:-1])  # spikes entering each TimeMix branch
+        rho_ffn_in = list(att_events)  # spikes entering each ChannelMix branch
 
         def spike_driven(fan, rhos):  # (MACs, ACs) of one projection per layer at the layers' rates
             mac = sum(fan for r in rhos if r is None)
@@ -151,7 +164,7 @@ def count_rwkv(config: ModelConfig, rates: SpikeRates | None = None, convention:
         rows["ffn.key"] = spike_driven(C * F, rho_ffn_in)
         rows["ffn.receptance"] = spike_driven(C * C, rho_ffn_in)
         rows["ffn.value"] = spike_driven(F * C, rho_ffn_in)
-        rows["head"] = spike_driven(V * C, [rates.ffn[-1]])
+        rows["head"] = spike_driven(V * C, [ffn_events[-1]])
     rows.update({k: (v["mac"], v["ac"]) for k, v in (spike_inputs or {}).items()})
     return {k: {"mac": mac, "ac": ac} for k, (mac, ac) in rows.items()}
 
@@ -184,6 +197,12 @@ def count_transformer(config: ModelConfig, ctx_len: int | None = None, n_head: i
         "head": (V * C, 0),
     }
     return {k: {"mac": mac, "ac": ac} for k, (mac, ac) in rows.items()}
+
+
+def synaptic_operations(rows: dict) -> float:
+    """Spike-count-weighted synaptic operations per token, ``sum |s| x fan-out``: the ACs of the
+    spike-driven rows of a spiking convention's ``count_rwkv`` rows (module docstring)."""
+    return sum(r["ac"] for k, r in rows.items() if k in SPIKE_DRIVEN_ROWS)
 
 
 def summarize_counts(rows: dict, e_mac: float = E_MAC_45NM, e_ac: float = E_AC_45NM) -> dict:

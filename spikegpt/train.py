@@ -34,7 +34,7 @@ from .metrics import unit_metrics
 from .model import SpikeGPT
 from .distributed import all_reduce_sum, init_distributed, rng_state, set_rng_state
 from .rundir import MetricsLog, RunLock, Wandb, prepare_dir, write_config
-from .spikes import all_reduce_spike_stats, firing_rates, record_spikes
+from .spikes import all_reduce_spike_stats, firing_rates, level_stats, record_spikes
 from .tokenizer import tokenizer_from_dict
 
 ARCH_FIELDS = ("vocab_size", "n_layer", "n_embd", "ffn_mult", "tau", "v_threshold", "surrogate_alpha",
@@ -429,7 +429,7 @@ def _run(args, rank, world, device) -> dict:
                           "bits_per_byte": loss_value / math.log(2) / bytes_per_token, "lr": lr,
                           "grad_norm": grad_norm, "tokens_seen": tokens_seen,
                           "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                          **firing_rates(model, "train_rate/")}
+                          **firing_rates(model, "train_rate/"), **level_stats(model, "train_")}
                 window_start, window_tokens = now, 0
                 log(record)
                 bar.set_postfix(loss=f"{loss_value:.3f}", bpb=f"{record['bits_per_byte']:.3f}",
@@ -444,7 +444,7 @@ def _run(args, rank, world, device) -> dict:
                 all_reduce_spike_stats(model)
                 rates = firing_rates(model, "rate/")
                 last_eval = {"step": step, "val_loss": val_loss, "val_bits_per_token": val_loss / math.log(2),
-                             **rates}
+                             **rates, **level_stats(model)}
                 log(last_eval)
                 say(f"step {step:6d}  val loss {val_loss:.4f}  val bits/token {val_loss / math.log(2):.3f}"
                     + (f"  firing rate att {rates['rate/att']:.3f} ffn {rates['rate/ffn']:.3f} "
@@ -494,7 +494,7 @@ def final_evaluation(model, data_dir, meta, args, model_cfg, device, autocast, l
                                  streams=args.eval_streams, max_tokens=args.eval_max_tokens, device=device,
                                  autocast=autocast, part=(rank, world))
     all_reduce_spike_stats(model)
-    result.update(firing_rates(model, "rate/"))
+    result.update(firing_rates(model, "rate/"), **level_stats(model))
     nll, count = all_reduce_sum([result["nll_sum"], result["predicted_tokens"]], world, device)
     result.update(nll_sum=nll, predicted_tokens=int(count), loss=nll / count)
     result.update(unit_metrics(nll, int(count), meta["splits"][split]))

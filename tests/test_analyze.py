@@ -9,8 +9,10 @@ import torch
 
 from spikegpt import ModelConfig, SpikeGPT
 from spikegpt import model as model_module
-from spikegpt.analyze import (SpikeRates, analyze, count_rwkv, count_transformer, firing_rates,
+from spikegpt.analyze import (SpikeRates, analyze, count_rwkv, count_transformer, firing_rates, format_report,
                               record_spikes, summarize_counts)
+from spikegpt.energy import synaptic_operations
+from spikegpt.spikes import entropy_bits, level_stats, spike_stats, spike_summary
 from spikegpt.checkpoint import save_model
 from spikegpt.data import prepare_splits
 
@@ -138,6 +140,43 @@ def test_spiking_conventions_need_rates():
         count_rwkv(TINY, None, "code")
 
 
+# Multi-level spikes: the same firing rates, mean |s| att [0.5, 1.0], ffn [1.5, 0.5].  A spike count s
+# drives |s| accumulates: the residual adds and, in (a), the projections count mean |s|, not the rate.
+RATES_ABS = SpikeRates(emb=0.5, att=[0.25, 0.5], ffn=[0.75, 0.25], att_abs=[0.5, 1.0], ffn_abs=[1.5, 0.5])
+CODE_ABS = {**CODE, "att.residual": (0, 6),  # C*(0.5+1.0)
+            "ffn.residual": (0, 8)}  # C*(1.5+0.5)
+PAPER_ABS = {**CODE_ABS,
+             "att.key_value_receptance": (0, 96),  # 48*0.5 (embedding) + 48*1.5 (layer 0's ffn |s|)
+             "att.output": (0, 32),  # 16*0.5 + 16*1.5
+             "ffn.key": (0, 96),  # 64*0.5 + 64*1.0 (the same layer's att |s|)
+             "ffn.receptance": (0, 24),  # 16*0.5 + 16*1.0
+             "ffn.value": (0, 96),  # as ffn.key
+             "head": (0, 20)}  # 40*0.5 (the last ffn |s|)
+
+
+def test_multi_level_counts_weight_spikes_by_magnitude():
+    assert flat(as_pairs(count_rwkv(TINY, RATES_ABS, "code"))) == pytest.approx(flat(CODE_ABS))
+    assert flat(as_pairs(count_rwkv(TINY, RATES_ABS, "paper"))) == pytest.approx(flat(PAPER_ABS))
+    # Synaptic operations: the spike-driven ACs, sum |s| x fan-out.
+    assert synaptic_operations(count_rwkv(TINY, RATES_ABS, "code")) == pytest.approx(6 + 8)
+    assert synaptic_operations(count_rwkv(TINY, RATES_ABS, "paper")) == pytest.approx(96 + 32 + 96 + 24 + 96 + 20 + 14)
+    # Binary spikes: mean |s| is the rate, and the counts are those of the rates alone.
+    lif = SpikeRates(emb=0.5, att=RATES.att, ffn=RATES.ffn, att_abs=list(RATES.att), ffn_abs=list(RATES.ffn))
+    for conv in ("code", "paper"):
+        assert count_rwkv(TINY, lif, conv) == count_rwkv(TINY, RATES, conv)
+    assert synaptic_operations(count_rwkv(TINY, RATES, "paper")) == pytest.approx(198 + 3 + 4)
+    with pytest.raises(ValueError, match="mean"):
+        count_rwkv(TINY, SpikeRates(emb=0.5, att=RATES.att, ffn=RATES.ffn, att_abs=[0.5, None]), "code")
+
+
+def test_entropy_bits_of_hand_made_histograms():
+    assert entropy_bits([2, 1, 1, 0]) == pytest.approx(1.5)  # p = 1/2, 1/4, 1/4: 1/2*1 + 2*(1/4*2)
+    assert entropy_bits([7, 0, 0]) == 0.0  # one level used: no information
+    assert entropy_bits([3, 3]) == pytest.approx(1.0)
+    assert entropy_bits(torch.tensor([5] * 8)) == pytest.approx(3.0)  # uniform over 8 levels: log2 8
+    assert entropy_bits([1, 3]) == pytest.approx(-(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75)))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Recording.
 # ---------------------------------------------------------------------------------------------------
@@ -217,6 +256,65 @@ def test_no_spike_model_has_no_rates_and_counts_all_macs():
     assert conv["paper"]["matmul"]["ac"] == 0
 
 
+def test_lif_statistics_are_binary_and_its_counts_use_the_rates():
+    m = spiky_model()
+    idx = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(3))
+    with record_spikes(m):
+        m(idx)
+    rates = SpikeRates.from_model(m)
+    assert rates.att_abs == rates.att and rates.ffn_abs == rates.ffn  # |s| = 1 at every spike
+    for b in spike_stats(m)["branches"]:
+        r = b["rate"]
+        assert b["level_counts"] == [3 * 16 * 16 - round(r * 3 * 16 * 16), round(r * 3 * 16 * 16)]
+        assert b["effective_bits"] == pytest.approx(-(r * np.log2(r) + (1 - r) * np.log2(1 - r)))
+    assert level_stats(m) == {}  # training logs no extra statistics for binary spikes
+    assert count_rwkv(m.config, rates, "paper") == count_rwkv(
+        m.config, SpikeRates(emb=rates.emb, att=rates.att, ffn=rates.ffn), "paper")
+
+
+def test_gif_statistics_and_synaptic_operations_of_known_spike_counts(monkeypatch):
+    """Every neuron's spike counts are imposed: TimeMix s = 2 on even channels and 0 on odd ones (rate
+    1/2, mean |s| 1, 1 bit), ChannelMix s = -2 on the first quarter of the channels (rate 1/4, mean
+    |s| 1/2, H(1/4) bits); the embedding is real-valued, so layer 0's TimeMix projections stay MACs."""
+    m = spiky_model(neuron="gif", levels=2, polarity="bipolar", binary_embedding=False)
+    C, F, V = 16, 64, 256
+    att_s = torch.tensor([2.0, 0.0] * (C // 2))
+    ffn_s = torch.tensor([-2.0] * (C // 4) + [0.0] * (3 * C // 4))
+    real_gif, calls = model_module.ops.gif, []
+
+    def imposed(x, v0, theta, *args):
+        y, v = real_gif(x, v0, theta, *args)
+        calls.append(None)
+        return theta * (att_s if len(calls) % 2 else ffn_s).expand_as(y), v  # calls: att0, ffn0, att1, ffn1
+
+    monkeypatch.setattr(model_module.ops, "gif", imposed)
+    report = analyze(m, np.arange(300) % 256, n_tokens=40, streams=2)
+    h_quarter = -(0.25 * np.log2(0.25) + 0.75 * np.log2(0.75))
+    for row in report["firing_rates"]["layers"]:
+        assert (row["att"], row["att_mean_abs_s"], row["att_effective_bits"]) == pytest.approx((0.5, 1.0, 1.0))
+        assert (row["ffn"], row["ffn_mean_abs_s"], row["ffn_effective_bits"]) == pytest.approx((0.25, 0.5, h_quarter))
+    lv = report["levels"]
+    n = lv["branches"][0]["level_counts"][2] * 2  # neuron-tokens per branch
+    assert lv["levels"] == [-2, -1, 0, 1, 2] and n == 40 * C
+    assert lv["level_counts"] == [2 * n // 4, 0, 2 * n // 2 + 2 * 3 * n // 4, 0, 2 * n // 2]
+    expected = (0.375, 0.75, (1 + h_quarter) / 2)  # pooled rate and |s|; bits: the mean over branches
+    assert (lv["firing_rate"], lv["mean_abs_s"], lv["effective_bits"]) == pytest.approx(expected)
+    # (b): the residual adds, C * mean |s| per layer and branch.
+    assert report["conventions"]["code"]["synops"] == pytest.approx(2 * C * 1.0 + 2 * C * 0.5)
+    # (a): also every spike-driven projection, fan-in * fan-out * mean |s| of its input spikes.
+    paper = (3 * C * C + C * C) * 0.5  # layer 1's TimeMix reads layer 0's ChannelMix spikes
+    paper += 2 * (C * F + C * C + F * C) * 1.0  # both ChannelMix branches read TimeMix spikes
+    paper += V * C * 0.5  # the head reads the last ChannelMix spikes
+    assert report["conventions"]["paper"]["synops"] == pytest.approx(paper + 2 * C * 1.0 + 2 * C * 0.5)
+    assert report["conventions"]["paper"]["modules"]["att.key_value_receptance"]["mac"] == 3 * C * C  # layer 0
+    assert report["conventions"]["rwkv"]["synops"] is None
+    text = format_report(report)
+    assert "spike levels" in text and "s=-2" in text and "att |s|" in text and "synaptic operations" in text
+    assert level_stats(m)["effective_bits/ffn.1"] == pytest.approx(h_quarter)
+    assert level_stats(m, "train_")["train_mean_abs_s/all"] == pytest.approx(0.75)
+    assert spike_summary(m)["level_counts"] == lv["level_counts"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # CLI and pictures.
 # ---------------------------------------------------------------------------------------------------
@@ -256,3 +354,32 @@ def test_raster(run_files, capsys):
                "--raster", str(png), "--raster-prompt", "fire when", "--raster-layer", "-1"])
     assert rc == 0, capsys.readouterr().err
     assert png.stat().st_size > 1000 and (run_files / "raster_rates.png").stat().st_size > 1000
+
+
+def test_gif_report_end_to_end(run_files, capsys):
+    from spikegpt.analyze import main
+
+    save_model(run_files / "gif.pt", spiky_model(neuron="gif", levels=2, polarity="bipolar", v_threshold=0.25))
+    out, png = run_files / "gif.json", run_files / "gif_raster.png"
+    plot = ["--raster", str(png)] if _has_matplotlib() else []
+    rc = main(["--ckpt", str(run_files / "gif.pt"), "--data-dir", str(run_files / "data"), "--tokens", "60",
+               "--json", str(out), *plot])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "neuron=gif L2 bipolar" in printed.out and "spike levels" in printed.out
+    rep = json.loads(out.read_text())
+    lv = rep["levels"]
+    assert lv["levels"] == [-2, -1, 0, 1, 2] and sum(lv["level_counts"]) == 60 * 16 * 4  # 4 branches
+    assert 0 < lv["firing_rate"] < lv["mean_abs_s"] and 0 < lv["effective_bits"] <= np.log2(5)
+    assert rep["conventions"]["paper"]["synops"] > rep["conventions"]["code"]["synops"] > 0
+    if plot:
+        assert png.stat().st_size > 1000 and (run_files / "gif_raster_levels.png").stat().st_size > 1000
+        assert rep["raster"]["levels_path"] == str(run_files / "gif_raster_levels.png")
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,5 +1,7 @@
-"""Multi-process training with torchrun (gloo on CPU) equals one process with more accumulation."""
+"""Multi-process training with torchrun (gloo on CPU) equals one process with more accumulation, and
+the spike records summed over processes equal those of one process that saw every batch."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from spikegpt import ModelConfig, SpikeGPT
 from spikegpt.checkpoint import read_checkpoint
 from spikegpt.data import prepare_splits, sample_offsets
+from spikegpt.spikes import record_spikes
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("A spiking neuron integrates its input and fires when its membrane crosses a threshold; "
@@ -57,3 +61,50 @@ def test_ranks_never_draw_the_same_windows(accum):
         rank0 = [tuple(sample_offsets(10_000, 8, 64, 1, step, micro_step=0 * accum + m)) for m in range(accum)]
         rank1 = [tuple(sample_offsets(10_000, 8, 64, 1, step, micro_step=1 * accum + m)) for m in range(accum)]
         assert not set(rank0) & set(rank1)
+
+
+RANK_SCRIPT = r"""
+import sys, torch, torch.distributed as dist
+from spikegpt import ModelConfig, SpikeGPT
+from spikegpt.spikes import all_reduce_spike_stats, record_spikes
+rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+torch.manual_seed(0)
+m = SpikeGPT(ModelConfig(vocab_size=50, n_layer=2, n_embd=8, ctx_len=16, neuron="gif", levels=2,
+                         polarity="bipolar", v_threshold=0.1)).eval()
+idx = torch.randint(0, 50, (2, 12 + 4 * rank), generator=torch.Generator().manual_seed(rank))
+with torch.no_grad(), record_spikes(m):
+    m(idx)
+all_reduce_spike_stats(m)
+torch.save({"records": [(n.spike_counts, n.spike_abs, n.level_counts, n.spike_steps)
+                        for b in m.blocks for n in (b.lif1, b.lif2)],
+            "emb": (m.emb.spike_ones, m.emb.spike_elems)}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_all_reduce_sums_every_spike_record(tmp_path):
+    """Two gloo ranks record different batches; after the all-reduce each holds the records of one
+    process that ran both batches: spike counts, sums of |s|, level counts, steps, embedding ones."""
+    init = f"file://{tmp_path / 'init'}"
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), init, str(tmp_path / f"{r}.pt")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
+                              text=True) for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    torch.manual_seed(0)
+    m = SpikeGPT(ModelConfig(vocab_size=50, n_layer=2, n_embd=8, ctx_len=16, neuron="gif", levels=2,
+                             polarity="bipolar", v_threshold=0.1)).eval()
+    with torch.no_grad(), record_spikes(m):
+        for rank in (0, 1):
+            m(torch.randint(0, 50, (2, 12 + 4 * rank), generator=torch.Generator().manual_seed(rank)))
+    single = [(n.spike_counts, n.spike_abs, n.level_counts, n.spike_steps) for b in m.blocks for n in (b.lif1, b.lif2)]
+    assert any(int(s[1].sum()) > int(s[0].sum()) for s in single)  # multi-level: |s| > 1 somewhere
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"{r}.pt")
+        for (c, a, h, steps), (c1, a1, h1, steps1) in zip(got["records"], single):
+            assert torch.equal(c, c1) and torch.equal(a, a1) and torch.equal(h, h1)
+            assert steps == steps1 == 2 * 12 + 2 * 16
+        assert got["emb"] == (float(m.emb.spike_ones), m.emb.spike_elems)

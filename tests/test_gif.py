@@ -417,3 +417,44 @@ def test_sweep_plot_writes_a_png(tmp_path):
                                ("quant-L2-bipolar", 2.15, 2.0)]]
     sweep.plot(records, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kw", [dict(neuron="gif", levels=2, polarity="bipolar", reset="soft", v_threshold=0.25),
+                                dict(neuron="quant", levels=4, polarity="unipolar", binary_embedding=False), dict()])
+def test_sweep_spike_statistics_are_sum_of_magnitude_times_fan_out(tmp_path, kw):
+    """The sweep's numbers from the library equal a direct count over the records: synaptic operations
+    = sum over spike-driven inputs of mean |s| x fan-out (TimeMix W_k W_v W_r W_o read the embedding's
+    ones at layer 0 (MACs if it is real-valued) and the previous ChannelMix after; ChannelMix W_k W_r
+    W_v read the TimeMix spikes; the head the last ChannelMix; each residual add has fan-out 1)."""
+    from spikegpt.data import open_split, prepare_splits
+
+    prepare_splits("Spikes carry a count of events per token. " * 40, tmp_path / "data", vocab="byte")
+    torch.manual_seed(0)
+    model = SpikeGPT(ModelConfig(vocab_size=256, n_layer=2, n_embd=16, ctx_len=32, **kw))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("att.output.weight", "ffn.value.weight")):
+                p.mul_(8.0)
+    save_model(tmp_path / "m.pt", model)
+    stats = _sweep().spike_statistics(tmp_path / "m.pt", str(tmp_path / "data"), 160, 4)
+    model = spikegpt.load(tmp_path / "m.pt")
+    tokens = torch.as_tensor(open_split(str(tmp_path / "data"), "val")[:160].astype("int64")).view(4, 40)
+    with torch.no_grad(), record_spikes(model) as m:
+        m(tokens)
+    C, F, V = 16, 64, 256
+    neurons = [(b.lif1, b.lif2) for b in m.blocks]
+    mean_abs = [(float(a.spike_abs.sum()) / (160 * C), float(f.spike_abs.sum()) / (160 * C)) for a, f in neurons]
+    emb = float(m.emb.spike_ones) / m.emb.spike_elems if m.config.binary_embedding else None
+    synops = 0.0
+    for l, (att, ffn) in enumerate(mean_abs):
+        att_in = emb if l == 0 else mean_abs[l - 1][1]
+        synops += 0 if att_in is None else 4 * C * C * att_in  # W_k, W_v, W_r, W_o
+        synops += (C * F + C * C + F * C) * att + C * att + C * ffn  # W_k, W_r, W_v; two residual adds
+    synops += V * C * mean_abs[-1][1]
+    assert stats["synops_per_token"] == pytest.approx(synops, rel=1e-12)
+    assert stats["mean_abs_s"] == pytest.approx(sum(a + f for a, f in mean_abs) / 4, rel=1e-12)
+    counts = sum(n.level_counts for pair in neurons for n in pair)
+    assert list(stats["level_histogram"].values()) == counts.tolist() and sum(counts.tolist()) == 4 * 160 * C
+    zero = m.blocks[0].lif1.level_values.index(0)
+    assert stats["firing_rate"] == pytest.approx(1 - float(counts[zero]) / (4 * 160 * C), rel=1e-12)
+    assert 0 < stats["effective_bits"] <= math.log2(len(counts))

@@ -1,5 +1,6 @@
 """The trainer: learning, exact resume (with kills, also during a save), user errors, the CLI."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -279,3 +280,16 @@ def test_init_from_starts_a_new_run_from_the_weights(byte_data, tmp_path):
     # A small learning rate moves the weights only a little away from the base model's.
     drift = max((tuned["model"][k] - base[k]).abs().max().item() for k in base)
     assert 0 < drift < 1e-3
+
+
+def test_gif_training_logs_mean_abs_and_effective_bits(byte_data, tmp_path):
+    run_train(small_args(byte_data, tmp_path / "gif", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+                         "--neuron", "gif", "--levels", "2", "--v-threshold", "0.05"))
+    records = [json.loads(line) for line in (tmp_path / "gif" / "metrics.jsonl").read_text().splitlines()]
+    train_log = [r for r in records if "loss" in r and "final_eval" not in r][-1]
+    val, final = [r for r in records if "val_loss" in r][-1], records[-1]
+    for record, prefix in ((train_log, "train_"), (val, ""), (final, "")):
+        keys = {f"{prefix}{f}/{k}" for f in ("mean_abs_s", "effective_bits") for k in ("att.0", "ffn.1", "all")}
+        assert keys <= record.keys()
+        assert record[f"{prefix}mean_abs_s/all"] >= record[f"{prefix}rate/all"] > 0
+        assert 0 < record[f"{prefix}effective_bits/all"] <= math.log2(5)  # levels -2..2
