@@ -447,8 +447,8 @@ def _run(args, rank, world, device) -> dict:
                              **rates, **level_stats(model)}
                 log(last_eval)
                 say(f"step {step:6d}  val loss {val_loss:.4f}  val bits/token {val_loss / math.log(2):.3f}"
-                    + (f"  firing rate att {rates['rate/att']:.3f} ffn {rates['rate/ffn']:.3f} "
-                       f"emb {rates['rate/emb']:.3f}" if rates else ""))
+                    + (f"  firing rate att {rates['rate/att']:.3f} ffn {rates['rate/ffn']:.3f}"
+                       + (f" emb {rates['rate/emb']:.3f}" if "rate/emb" in rates else "") if rates else ""))
             if step % checkpoint_interval == 0 or step == train_cfg.max_iters:
                 save(last_eval)
             if stop_signal:

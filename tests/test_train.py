@@ -293,3 +293,16 @@ def test_gif_training_logs_mean_abs_and_effective_bits(byte_data, tmp_path):
         assert keys <= record.keys()
         assert record[f"{prefix}mean_abs_s/all"] >= record[f"{prefix}rate/all"] > 0
         assert 0 < record[f"{prefix}effective_bits/all"] <= math.log2(5)  # levels -2..2
+
+
+def test_periodic_evaluation_of_a_real_valued_embedding(byte_data, tmp_path, capsys):
+    # A model without embedding spikes (e.g. a reference import with --no-binary-embedding): the
+    # evaluation line reports the branches' rates only.
+    from spikegpt.checkpoint import save_model
+    torch.manual_seed(0)
+    lm = spikegpt.SpikeGPT(spikegpt.ModelConfig(n_layer=2, n_embd=32, ctx_len=32, binary_embedding=False))
+    save_model(tmp_path / "base" / "ckpt-00000000.pt", lm)
+    run_train(small_args(byte_data, tmp_path / "real", "--max-iters", "2", "--eval-interval", "2", "--eval-iters", "1",
+                         "--init-from", str(tmp_path / "base")))
+    line = [ln for ln in capsys.readouterr().out.splitlines() if "firing rate att" in ln][-1]
+    assert " ffn " in line and " emb " not in line
