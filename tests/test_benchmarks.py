@@ -40,6 +40,11 @@ def test_gpu_check_dry_run(tmp_path):
     names = [t["name"] for t in summary["targets"]]
     assert any(n.startswith("WKV fwd+bwd") for n in names) and any(n.startswith("LIF fwd+bwd") for n in names)
     assert any("WKV+LIF share" in n for n in names) and any(n.startswith("recurrent vs parallel") for n in names)
+    graph_rows = [t for t in summary["targets"] if "CUDA graph" in t["name"]]
+    assert [t["name"] for t in graph_rows] == ["CUDA graph step vs eager step, smoke batch 1",
+                                               "CUDA graph step vs eager step, smoke batch 2",
+                                               "batch-1 decoding with a CUDA graph"]
+    assert all(t["pass"] is None and "not" in t["measured"] for t in graph_rows)  # a CPU captures nothing
     assert all(t["pass"] in (True, False, None) for t in summary["targets"])
     md = (out / "summary.md").read_text()
     assert "## Targets" in md and "Dry run" in md and "| kernels |" in md and ("PASS" in md or "FAIL" in md)
@@ -73,8 +78,17 @@ def test_gpu_check_targets():
              "peak_tflops": 989.0, "wkv_lif_share": 0.9},
             {"config": "45m", "dtype": "bf16", "kernels": "triton", "compile": False, "mfu": 0.36, "tflops": 356.0,
              "peak_tflops": 989.0, "wkv_lif_share": 0.16}]}},
-        "generate": {"result": {"parity": [{"config": "45m", "parallel_kernels": "auto", "tol": 1e-4,
-                                            "max_abs_err": 3e-6, "firing_rate": 0.2, "ok": True}]}},
+        "generate": {"result": {
+            "parity": [{"config": "45m", "parallel_kernels": "auto", "tol": 1e-4, "max_abs_err": 3e-6,
+                        "firing_rate": 0.2, "ok": True}],
+            "cuda_graph": [{"config": "45m", "batch": 1, "captured": True, "fallback": None, "bitwise_eager": True,
+                            "max_abs_err_parallel": 3e-6, "tol": 1e-4, "ok": True},
+                           {"config": "216m", "batch": 1, "captured": False, "fallback": "capture failed (X: y)",
+                            "bitwise_eager": None, "max_abs_err_parallel": 3e-6, "tol": 1e-4, "ok": False}],
+            "graph_speedup": [{"config": "45m", "weights": "fp32", "batch": 1, "graph_tokens_per_s": 900.0,
+                               "eager_tokens_per_s": 150.0, "speedup": 6.0, "graph_over_read": 0.1},
+                              {"config": "45m", "weights": "fp32", "batch": 16, "graph_tokens_per_s": 9.0,
+                               "eager_tokens_per_s": 15.0, "speedup": 0.6, "graph_over_read": 0.1}]}},
     }
     verdict = {t["name"]: t["pass"] for t in gc.targets(records, dry=False, total_s=500.0)}
     assert verdict == {
@@ -85,7 +99,52 @@ def test_gpu_check_targets():
         "45m bf16 training step (triton kernels): MFU": True,
         "45m bf16 training step (triton kernels): WKV+LIF share": False,
         "recurrent vs parallel logits, 45m (parallel kernels auto)": True,
+        "CUDA graph step vs eager step, 45m batch 1": True,
+        "CUDA graph step vs eager step, 216m batch 1": False,
+        "batch-1 decoding with a CUDA graph, 45m fp32": True,
         "the whole check": False,
     }
     failed_parts = {"train": {"result": None}, "kernels": {"result": None}}
     assert all(t["pass"] is None for t in gc.targets(failed_parts, dry=False, total_s=None))
+
+
+def _bench_generate():
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "bench_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_generate_times_cuda_graphs_on_cuda():
+    """What the CPU smoke run cannot show: on CUDA every weight dtype is timed uncaptured and in a
+    graph, and each captured run is set against its uncaptured twin."""
+    import torch
+    bg = _bench_generate()
+    assert [m[0] for m in bg.modes(torch.device("cpu"), True)] == ["fp32", "fp32 exact", "bf16"]
+    assert all(m[3] == "off" for m in bg.modes(torch.device("cpu"), True))
+    assert [(m[0], m[3]) for m in bg.modes(torch.device("cuda"), True)] == [
+        ("fp32", "off"), ("fp32 graph", "on"), ("bf16", "off"), ("bf16 graph", "on")]
+    assert [m[0] for m in bg.modes(torch.device("cuda"), False)] == ["fp32", "fp32 graph"]
+    run = {"config": "45m", "batch": 1, "decode_over_read": 0.1}
+    runs = [{**run, "weights": "fp32", "cuda_graph": False, "tokens_per_s": 100.0},
+            {**run, "weights": "fp32 graph", "cuda_graph": True, "tokens_per_s": 400.0, "decode_over_read": 0.4},
+            {**run, "weights": "bf16 graph", "cuda_graph": False, "tokens_per_s": 90.0},  # capture failed
+            {**run, "weights": "bf16", "cuda_graph": False, "tokens_per_s": 90.0}]
+    assert bg.graph_speedup(runs) == [{"config": "45m", "weights": "fp32", "batch": 1, "graph_tokens_per_s": 400.0,
+                                       "eager_tokens_per_s": 100.0, "speedup": 4.0, "graph_over_read": 0.4,
+                                       "eager_over_read": 0.1}]
+
+
+def test_commit_of_a_copied_checkout(monkeypatch):
+    """Without git metadata the results record the commit their runner names ($SPIKEGPT_COMMIT)."""
+    spec = importlib.util.spec_from_file_location("common", BENCH / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+
+    def no_git(*args, **kwargs):
+        raise OSError("git: not found")
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    monkeypatch.delenv(common.COMMIT_ENV, raising=False)
+    assert common.git_commit() == "unknown"
+    monkeypatch.setenv(common.COMMIT_ENV, "0123456789abcdef")
+    assert common.git_commit() == "0123456" and common.git_commit(short=False) == "0123456789abcdef"
