@@ -2,6 +2,7 @@
 GPU check's CPU rehearsal (--dry-run)."""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,31 @@ def test_commit_of_a_copied_checkout(monkeypatch):
     assert common.git_commit() == "unknown"
     monkeypatch.setenv(common.COMMIT_ENV, "0123456789abcdef")
     assert common.git_commit() == "0123456" and common.git_commit(short=False) == "0123456789abcdef"
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_from_a_copied_uninstalled_checkout(tmp_path):
+    """As on a fresh GPU machine: the tracked files copied without git metadata, the package not
+    installed (an editable install's finder hidden): every part still runs, with the commit named."""
+    repo = BENCH.parent
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: nothing to copy the tracked files from")
+    tree = tmp_path / "tree"
+    for name in filter(None, files.decode().split("\0")):
+        if (repo / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name).write_bytes((repo / name).read_bytes())
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n")
+    env = dict(os.environ, PYTHONPATH=str(site))
+    run = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", "check", "--commit",
+                          "0123456789abcdef"], cwd=tree, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((tree / "check" / "summary.json").read_text())
+    assert summary["commit"] == "0123456789abcdef"
+    assert all(part["status"] == "ok" for part in summary["parts"].values()), summary["parts"]
+    assert json.loads((tree / "check" / "train.json").read_text())["result"]["commit"] == "0123456"
