@@ -136,6 +136,30 @@ def test_bench_generate_times_cuda_graphs_on_cuda():
                                        "eager_over_read": 0.1}]
 
 
+def test_bench_generate_cuda_bookkeeping_with_a_stand_in_capture(monkeypatch, tmp_path, capsys):
+    """bench_generate's CUDA rows, speedups, tables and graph checks, run on a CPU by giving the
+    decoders a capture backend that re-runs the step (its timings mean nothing; the code path runs)."""
+    import torch
+
+    import spikegpt.recurrent
+    from test_cuda_graph import ReplayByRerun
+    bg = _bench_generate()
+    monkeypatch.setattr(spikegpt.recurrent, "CudaGraphs", ReplayByRerun)
+    cuda_modes = bg.modes
+    monkeypatch.setattr(bg, "modes", lambda device, bf16: cuda_modes(torch.device("cuda"), bf16))
+    result = bg.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "g.json")])
+    assert [(r["weights"], r["batch"], r["cuda_graph"]) for r in result["runs"]] == [
+        (w, b, w.endswith("graph")) for w in ("fp32", "fp32 graph", "bf16", "bf16 graph") for b in (1, 16)]
+    assert [(r["weights"], r["batch"]) for r in result["graph_speedup"]] == [
+        ("fp32", 1), ("fp32", 16), ("bf16", 1), ("bf16", 16)]
+    assert [(g["batch"], g["captured"], g["bitwise_eager"], g["ok"]) for g in result["cuda_graph"]] == [
+        (1, True, True, True), (2, True, True, True)]
+    md = (tmp_path / "g.md").read_text()
+    assert "| smoke | fp32 graph | 1 |" in md and "CUDA graph vs uncaptured steps: smoke fp32 batch 1 " in md
+    assert "| smoke | 8 x 1 | yes | yes |" in md
+    assert any(r["weights"] == "fp32 graph" and "profile" in r for r in result["runs"])
+
+
 def test_commit_of_a_copied_checkout(monkeypatch):
     """Without git metadata the results record the commit their runner names ($SPIKEGPT_COMMIT)."""
     spec = importlib.util.spec_from_file_location("common", BENCH / "common.py")
