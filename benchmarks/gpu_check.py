@@ -29,7 +29,8 @@ batch-1 decoding with a CUDA graph faster than without, its logits bitwise the e
 
 ``--dry-run`` runs the same parts on the CPU (CUDA hidden from them) at tiny sizes: the kernels in
 Triton's interpreter, the training step on the reference kernels only (the interpreter takes seconds
-per kernel call), generation on the CPU.  It exercises every code path that does not need CUDA, and
+per kernel call), generation on the CPU (where nothing is captured in a CUDA graph: its rows say so
+and their verdicts are "not measured").  It exercises every code path that does not need CUDA, and
 the test suite runs it; its numbers say nothing about speed.
 """
 from __future__ import annotations
