@@ -2,7 +2,8 @@
 and parity of the recurrent logits with the parallel path.
 
 For each config (random weights): tokens/s of the recurrent step at each batch size, in fp32 and with
-bf16 weights, timed interleaved with three passes over the same weight matrices that do nothing else:
+bf16 weights (on CUDA each also captured in a CUDA graph, rows ``fp32 graph`` and ``bf16 graph``, the
+other rows uncaptured), timed interleaved with three passes over the same weight matrices that do nothing else:
 
 * ``bare``: one ``torch.mm`` per matrix, the issue's bound (ATen runs a matrix-vector product on one
   core, so this is one core's matrix-vector speed, not the memory's);
@@ -19,7 +20,9 @@ the fp32 batch-1 step (where the time goes), and last the parity check: each mod
 matrices scaled up so that its neurons fire (a default-initialised model never reaches the
 threshold), runs ``--parity-tokens`` tokens of 2 sequences through the parallel path (its
 default kernels, and on a GPU also the reference ones) and through the recurrent decoder; the largest
-logit difference must stay within ``PARITY_TOL``.  Results go to
+logit difference must stay within ``PARITY_TOL``.  The same tokens also run through a decoder that
+captures its step in a CUDA graph and through the uncaptured eager step: the graph must give bitwise
+the eager step's logits and states (on a CPU, where nothing is captured, the row says so).  Results go to
 ``benchmarks/results/bench_generate-DATE-COMMIT.{json,md}``, or to ``--out PATH`` (JSON, and the
 tables beside it as ``.md``).
 
@@ -110,13 +113,9 @@ def parity(model, device, tokens, batch=2, scale=12.0):
     cfg = model.config
     idx = torch.randint(0, cfg.vocab_size, (batch, tokens), device=device,
                         generator=torch.Generator(device).manual_seed(0))
-    decoder = RecurrentDecoder(model)
+    decoder = RecurrentDecoder(model, cuda_graph="off")
     decoder.collect_spikes = True
-    state, steps = model.initial_state(batch), []
-    for t in range(tokens):
-        logits, state = decoder.step(idx[:, t], state)
-        steps.append(logits)
-    recurrent = torch.stack(steps, 1)
+    recurrent, _ = run_steps(decoder, model, idx)
     rate = float(decoder.spike_counts.sum()) / (decoder.spike_steps * 2 * cfg.n_layer * cfg.n_embd)
     rows = []
     for kernels in ["auto"] + (["torch"] if device.type == "cuda" else []):
@@ -129,6 +128,60 @@ def parity(model, device, tokens, batch=2, scale=12.0):
                      "positions_over_tol": int((err.amax(-1) > PARITY_TOL).sum()),
                      "argmax_agree": float((recurrent.argmax(-1) == parallel.argmax(-1)).float().mean()),
                      "tol": PARITY_TOL, "ok": bool(err.max() <= PARITY_TOL)})
+    return rows, idx, parallel
+
+
+def run_steps(decoder, model, idx):
+    """Logits (B, T, V) and states (T, n_layer, 7, B, C) of ``decoder`` stepping through ``idx``."""
+    state, logits, states = model.initial_state(idx.shape[0]), [], []
+    for t in range(idx.shape[1]):
+        out, state = decoder.step(idx[:, t], state)
+        logits.append(out)
+        states.append(state)
+    return torch.stack(logits, 1), torch.stack(states)
+
+
+@torch.no_grad()
+def graph_check(model, idx, parallel):
+    """A CUDA-graph decoder vs the uncaptured eager step (bitwise) and the parallel logits, on ``idx``.
+
+    ``ok``: captured, bitwise, within ``PARITY_TOL``; None off CUDA (nothing captured, nothing measured)."""
+    graphed = RecurrentDecoder(model, cuda_graph="auto")
+    got = run_steps(graphed, model, idx)
+    want = run_steps(RecurrentDecoder(model, cuda_graph="off", script=False), model, idx)
+    captured = graphed.graph_fallback is None
+    bitwise = bool(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])) if captured else None
+    err = float((got[0] - parallel).abs().max())
+    return {"tokens": idx.shape[1], "batch": idx.shape[0], "captured": captured, "fallback": graphed.graph_fallback,
+            "bitwise_eager": bitwise, "max_abs_err_parallel": err, "tol": PARITY_TOL,
+            "ok": bool(bitwise and err <= PARITY_TOL) if captured or idx.device.type == "cuda" else None}
+
+
+def modes(device, bf16: bool):
+    """The decoders timed: (label, weight dtype, exact_batches, cuda_graph).  "fp32 exact" batches use
+    the parallel path's own (MKL) products instead of oneDNN's, the price of bitwise equality with it
+    (batch 1 is the same as fp32; a CPU matter); on CUDA each weight dtype also runs in a CUDA graph."""
+    weights = [("fp32", None)] + ([("bf16", torch.bfloat16)] if bf16 else [])
+    if device.type == "cuda":
+        return [(label + graph, wd, False, "on" if graph else "off") for label, wd in weights
+                for graph in ("", " graph")]
+    return [("fp32", None, False, "off"), ("fp32 exact", None, True, "off")] + [
+        (label, wd, False, "off") for label, wd in weights[1:]]
+
+
+def graph_speedup(runs):
+    """Each captured run's tokens/s (and fraction of the weight-read rate) against the uncaptured run
+    of the same config, weights and batch."""
+    eager = {(r["config"], r["weights"], r["batch"]): r for r in runs if not r["cuda_graph"]}
+    rows = []
+    for g in runs:
+        weights = g["weights"].removesuffix(" graph")
+        e = eager.get((g["config"], weights, g["batch"]))
+        if g["cuda_graph"] and e is not None:
+            rows.append({"config": g["config"], "weights": weights, "batch": g["batch"],
+                         "graph_tokens_per_s": g["tokens_per_s"], "eager_tokens_per_s": e["tokens_per_s"],
+                         "speedup": g["tokens_per_s"] / e["tokens_per_s"], "graph_over_read": g["decode_over_read"],
+                         "eager_over_read": e["decode_over_read"]})
     return rows
 
 
@@ -191,7 +244,7 @@ def main(argv=None):
         args.parity_tokens = min(args.parity_tokens, 8)
     device = torch.device(args.device)
     result = header(device) | {"benchmark": "bench_generate", "smoke": args.smoke, "threads": torch.get_num_threads(),
-                               "runs": [], "prefill": [], "parity": []}
+                               "runs": [], "prefill": [], "parity": [], "cuda_graph": []}
     lines = [f"# bench_generate — {result['device']} — {result['date']} — {result['commit']}", "",
              "Times per step in ms; `x/step` is that pass's time over the step's (1.0: the step costs "
              "no more than the pass alone); GB/s is weight bytes over step time; read/step is the "
@@ -199,16 +252,12 @@ def main(argv=None):
              "| config | weights | batch | step | tokens/s | bare mm | bare/step | decoder matvec | "
              "matvec/step | read | read/step | GB/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    # (label, weight dtype, exact_batches): "fp32 exact" batches use the parallel path's own (MKL)
-    # products instead of oneDNN's, the price of bitwise equality with it (batch 1 is the same as fp32).
-    modes = [("fp32", None, False), ("fp32 exact", None, True)] + ([] if args.no_bf16 else
-                                                                   [("bf16", torch.bfloat16, False)])
     for name in args.configs.split(","):
         model = build(name, device)
         with torch.no_grad():
-            for label, wd, exact in modes:
+            for label, wd, exact, graph in modes(device, not args.no_bf16):
                 dtype = wd or torch.float32
-                decoder = RecurrentDecoder(model, wd, exact_batches=exact)
+                decoder = RecurrentDecoder(model, wd, exact_batches=exact, cuda_graph=graph)
                 mats = matrices(model, dtype)
                 nbytes = sum(w.numel() * w.element_size() for w in mats)
                 for batch in [int(b) for b in args.batches.split(",")]:
@@ -216,7 +265,7 @@ def main(argv=None):
                         continue
                     state = model.initial_state(batch)
                     tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-                    decoder.step(tokens, state)  # settles which products are split at this batch size
+                    decoder.step(tokens, state)  # settles which products are split at this batch size (or captures)
                     t_step, t_bare, t_mv, t_read = interleaved(
                         [lambda: decoder.step(tokens, state), bare_pass(mats, batch, dtype, device),
                          decoder_matvec_pass(decoder, batch, device), read_pass(mats)], device, args.steps)
@@ -226,11 +275,13 @@ def main(argv=None):
                            "decoder_matvec_ms": t_mv * 1e3, "decoder_matvec_over_step": t_mv / t_step,
                            "read_ms": t_read * 1e3, "reads_per_s": 1 / t_read, "decode_over_read": t_read / t_step,
                            "split_products": sum(len(m) > 1 for m in decoder._mats_for(batch)),
-                           "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9}
-                    if label == "fp32" and batch == 1:
+                           "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9,
+                           "cuda_graph": decoder.graph_fallback is None}
+                    if label in ("fp32", "fp32 graph") and batch == 1:
                         run["profile"] = profile_step(decoder, state, tokens)
                     result["runs"].append(run)
-                    lines.append(f"| {name} | {run['weights']} | {batch} | {run['step_ms']:.2f} | "
+                    shown = label if run["cuda_graph"] or graph == "off" else f"{label} (not captured)"
+                    lines.append(f"| {name} | {shown} | {batch} | {run['step_ms']:.2f} | "
                                  f"{run['tokens_per_s']:.1f} | {run['bare_matvec_ms']:.2f} | "
                                  f"{run['bare_over_step']:.2f} | {run['decoder_matvec_ms']:.2f} | "
                                  f"{run['decoder_matvec_over_step']:.2f} | {run['read_ms']:.2f} | "
@@ -252,12 +303,21 @@ def main(argv=None):
                 result["prefill"].append(pre)
                 print(f"prefill {name} {T} tokens: parallel {t_par:.2f} s, token by token {t_seq:.2f} s "
                       f"({pre['speedup']:.1f}x)", flush=True)
-            for row in parity(model, device, args.parity_tokens):
+            rows, idx, parallel = parity(model, device, args.parity_tokens)
+            for row in rows:
                 result["parity"].append({"config": name, **row})
                 print(f"parity {name} (parallel kernels {row['parallel_kernels']}): max |logit diff| "
                       f"{row['max_abs_err']:.2e} (tol {PARITY_TOL:g}), firing rate {row['firing_rate']:.2f}",
                       flush=True)
+            for b in (1, idx.shape[0]):
+                g = {"config": name, **graph_check(model, idx[:b], parallel[:b])}
+                result["cuda_graph"].append(g)
+                print(f"CUDA graph {name} batch {b}: " + (
+                    f"bitwise the eager step: {g['bitwise_eager']}, max |logit diff| vs parallel "
+                    f"{g['max_abs_err_parallel']:.2e}" if g["captured"] else f"not captured ({g['fallback']})"),
+                    flush=True)
         del model
+    result["graph_speedup"] = graph_speedup(result["runs"])
     scaling = {}
     for run in result["runs"]:
         scaling.setdefault((run["config"], run["weights"]), {})[run["batch"]] = run["tokens_per_s"]
@@ -269,6 +329,10 @@ def main(argv=None):
     lines += ["", "Batch-1 decoding over the rate of reading every weight once (issue 17, target 0.9): " + ", ".join(
         f"{r['config']} {r['weights']} {r['tokens_per_s']:.1f} tokens/s vs {r['reads_per_s']:.0f} reads/s = "
         f"{r['decode_over_read']:.2f}" for r in result["runs"] if r["batch"] == 1)]
+    lines += ["", "CUDA graph vs uncaptured steps: " + (", ".join(
+        f"{r['config']} {r['weights']} batch {r['batch']} {r['graph_tokens_per_s']:.0f} vs {r['eager_tokens_per_s']:.0f} "
+        f"tokens/s = {r['speedup']:.2f}x" for r in result["graph_speedup"]) or
+        "not measured (" + "; ".join(sorted({g["fallback"] for g in result["cuda_graph"] if g["fallback"]})) + ")")]
     lines += ["", "| config | prompt tokens | parallel s | token-by-token s | speedup |", "|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['prompt_tokens']} | {r['parallel_s']:.2f} | {r['token_by_token_s']:.2f} | "
               f"{r['speedup']:.1f}x |" for r in result["prefill"]]
@@ -278,10 +342,17 @@ def main(argv=None):
     lines += [f"| {r['config']} | {r['parallel_kernels']} | {r['tokens']} x {r['batch']} | {r['firing_rate']:.2f} | "
               f"{r['max_abs_err']:.2e} | {r['max_abs_logit']:.1f} | {r['argmax_agree']:.3f} | "
               f"{'yes' if r['ok'] else 'NO'} (tol {r['tol']:g}) |" for r in result["parity"]]
+    lines += ["", "The same tokens through a CUDA-graph decoder, against the uncaptured eager step (bitwise) and the "
+              "parallel path:", "", "| config | tokens x batch | captured | bitwise eager | max abs diff parallel | ok |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {g['config']} | {g['tokens']} x {g['batch']} | {'yes' if g['captured'] else 'no: ' + g['fallback']} | "
+              f"{'-' if g['bitwise_eager'] is None else 'yes' if g['bitwise_eager'] else 'NO'} | "
+              f"{g['max_abs_err_parallel']:.2e} | {'-' if g['ok'] is None else 'yes' if g['ok'] else 'NO'} |"
+              for g in result["cuda_graph"]]
     for run in result["runs"]:
         if "profile" in run:
-            lines += ["", f"Profile, {run['config']} fp32 batch 1 ({run['profile']['ops_per_step']} aten ops "
-                      "per step): " + ", ".join(f"{o['op']} {o['self_pct']}%" for o in run["profile"]["top_ops"])]
+            lines += ["", f"Profile, {run['config']} {run['weights']} batch 1 ({run['profile']['ops_per_step']} "
+                      "aten ops per step): " + ", ".join(f"{o['op']} {o['self_pct']}%" for o in run["profile"]["top_ops"])]
     if args.out:
         print(f"wrote {write_json_md(args.out, result, chr(10).join(lines))}")
     elif not args.no_write:
@@ -290,4 +361,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if all(r["ok"] for r in main()["parity"]) else 1)
+    result = main()
+    sys.exit(0 if all(r["ok"] for r in result["parity"]) and all(g["ok"] is not False for g in result["cuda_graph"])
+             else 1)

@@ -45,11 +45,11 @@ MIN_BYTES = {("wkv", "fwd"): 3, ("wkv", "fwd+bwd"): 8, ("lif", "fwd"): 2, ("lif"
 def _import_kernels():
     try:
         from spikegpt import kernels
-    except ModuleNotFoundError:  # running from a source tree without the spikegpt.kernels mapping
+    except ImportError:  # running from a source tree without the spikegpt.kernels mapping
         sys.path.insert(0, str(REPO))
         try:
             from spikegpt import kernels
-        except ModuleNotFoundError:
+        except ImportError:
             spec = importlib.util.spec_from_file_location(
                 "spikegpt.kernels", REPO / "kernels" / "__init__.py",
                 submodule_search_locations=[str(REPO / "kernels")])

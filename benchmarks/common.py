@@ -13,15 +13,19 @@ import torch
 from spikegpt.fileio import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The commit of a checkout without git metadata (a copied working tree), as its runner names it.
+COMMIT_ENV = "SPIKEGPT_COMMIT"
 
 
 def git_commit(short: bool = True) -> str:
-    """The checkout's HEAD (abbreviated unless ``short=False``), or ``"unknown"`` outside git."""
+    """The checkout's HEAD (abbreviated unless ``short=False``); outside git, ``$SPIKEGPT_COMMIT``
+    (abbreviated likewise), else ``"unknown"``."""
     try:
         return subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        named = os.environ.get(COMMIT_ENV, "").strip()
+        return (named[:7] if short else named) or "unknown"
 
 
 def device_description(device: torch.device) -> str:

@@ -3,7 +3,10 @@
     python benchmarks/gpu_check.py --out gpu-check-h100          # a CUDA machine: at most 8 minutes
     python benchmarks/gpu_check.py --dry-run --out /tmp/check    # the same script on a CPU, seconds
 
-It installs nothing: the project's own requirements (``pip install -e ".[test]"``) are all it needs.
+It installs nothing: the project's own requirements (``pip install -e ".[test]"``) are all it needs,
+and it runs from a source checkout that was never installed (the checkout goes on every part's
+``PYTHONPATH``).  Where the checkout has no git metadata (a copied working tree), ``--commit HASH``
+names the commit that the results record (every part's too).
 Each part runs as a subprocess with its own time budget, so a failure or a hang loses only that part:
 
 * ``tests``: ``python -m pytest -m gpu -q``, the GPU tests;
@@ -12,19 +15,22 @@ Each part runs as a subprocess with its own time budget, so a failure or a hang 
   device's copy bandwidth measured in the same run;
 * ``train``: ``bench_train.py``, 45m and 216m, bf16, Triton vs reference kernels: tokens/s, MFU, peak
   memory, the WKV+LIF share of the step;
-* ``generate``: ``bench_generate.py`` on CUDA: tokens/s at batch 1 and 16, and parity of the recurrent
-  logits with the parallel path.
+* ``generate``: ``bench_generate.py`` on CUDA: tokens/s at batch 1 and 16, uncaptured and with the
+  step captured in a CUDA graph, parity of the recurrent logits with the parallel path, and the graph's
+  replays bitwise the uncaptured eager step.
 
 Into ``--out DIR`` (a new or empty folder; ``--overwrite`` replaces the files of an earlier check) it
 writes, each file atomically: per part ``PART.json`` (command, exit status, seconds, and the
 benchmark's own JSON under ``result``), ``PART.log`` (its output) and ``PART.md`` (its table, where it
 has one); after every part ``summary.json`` and ``summary.md``: device, commit, date, torch / triton /
 CUDA versions, each part's status, and the targets of issue 17 with PASS or FAIL (WKV and LIF
-forward+backward >= 70% of copy bandwidth; the 45m bf16 step >= 35% MFU with WKV+LIF <= 15% of it).
+forward+backward >= 70% of copy bandwidth; the 45m bf16 step >= 35% MFU with WKV+LIF <= 15% of it;
+batch-1 decoding with a CUDA graph faster than without, its logits bitwise the eager step's).
 
 ``--dry-run`` runs the same parts on the CPU (CUDA hidden from them) at tiny sizes: the kernels in
 Triton's interpreter, the training step on the reference kernels only (the interpreter takes seconds
-per kernel call), generation on the CPU.  It exercises every code path that does not need CUDA, and
+per kernel call), generation on the CPU (where nothing is captured in a CUDA graph: its rows say so
+and their verdicts are "not measured").  It exercises every code path that does not need CUDA, and
 the test suite runs it; its numbers say nothing about speed.
 """
 from __future__ import annotations
@@ -46,12 +52,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import git_commit, header  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]  # a checkout that was never pip-installed
+from common import COMMIT_ENV, git_commit, header  # noqa: E402
 
 from spikegpt.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 TIME_LIMIT_S = 480  # the whole check, on one H100/H200
 # Targets of issue 17 (from the kernel notes).
@@ -84,7 +90,8 @@ def parts(dry: bool, scratch: Path) -> list[dict]:
                   *(["--smoke"] if dry else ["--presets", "45m,216m", "--dtypes", "bf16", "--backends",
                                              "triton,torch", "--compile", "off", "--iters", "10"])],
          "output": out["train"]},
-        {"name": "generate", "what": "recurrent generation, batch 1 and 16, parity with the parallel path",
+        {"name": "generate", "what": "recurrent generation, batch 1 and 16, with and without a CUDA graph, "
+                                     "parity with the parallel path",
          "budget": 60 if dry else 90,
          "argv": [py, str(BENCH / "bench_generate.py"), "--out", str(out["generate"]),
                   *(["--smoke", "--device", "cpu"] if dry else ["--device", "cuda", "--configs", "45m,216m",
@@ -254,6 +261,22 @@ def targets(records: dict, dry: bool, total_s: float | None) -> list[dict]:
                                 f"{r['max_abs_err']:.2e} (firing rate {r['firing_rate']:.2f})", r["ok"]))
         if not par:
             rows.append(_target("recurrent vs parallel logits", "within tolerance", "not measured", None))
+        graphs = (gen["result"] or {}).get("cuda_graph", [])
+        for g in graphs:
+            rows.append(_target(f"CUDA graph step vs eager step, {g['config']} batch {g['batch']}",
+                                f"captured, bitwise, max abs diff to parallel <= {g['tol']:g}",
+                                f"bitwise {'yes' if g['bitwise_eager'] else 'NO'}, {g['max_abs_err_parallel']:.2e}"
+                                if g["captured"] else f"not captured: {g['fallback']}", g["ok"]))
+        if not graphs:
+            rows.append(_target("CUDA graph step vs eager step", "captured, bitwise", "not measured", None))
+        speed = [r for r in (gen["result"] or {}).get("graph_speedup", []) if r["batch"] == 1 and r["weights"] == "fp32"]
+        for r in speed:
+            rows.append(_target(f"batch-1 decoding with a CUDA graph, {r['config']} fp32", "faster than uncaptured",
+                                f"{r['graph_tokens_per_s']:.0f} vs {r['eager_tokens_per_s']:.0f} tokens/s "
+                                f"({r['speedup']:.1f}x; {r['graph_over_read']:.2f} of the weight-read rate)",
+                                r["speedup"] > 1))
+        if not speed:
+            rows.append(_target("batch-1 decoding with a CUDA graph", "faster than uncaptured", "not measured", None))
     if total_s is not None:
         rows.append(_target("the whole check", f"<= {TIME_LIMIT_S} s", f"{total_s:.0f} s", total_s <= TIME_LIMIT_S))
     return rows
@@ -312,8 +335,10 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier check in --out")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, seconds: checks that the script runs")
     p.add_argument("--parts", default="tests,kernels,train,generate", help="comma-separated subset, run in this order")
+    p.add_argument("--commit", default=None, help="the commit the results record, where the checkout has no git "
+                                                  "metadata (default: git's HEAD, else $" + COMMIT_ENV + ")")
     args = p.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the parts run from the repository root
     known = [q["name"] for q in parts(args.dry_run, out)]
     chosen = args.parts.split(",")
     if not set(chosen) <= set(known):
@@ -331,7 +356,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     scratch = out / f".scratch-{os.getpid()}"  # the benchmarks' own (non-atomic) files, removed at the end
     scratch.mkdir()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.commit:
+        os.environ[COMMIT_ENV] = args.commit  # for git_commit, here and in every part
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
     if args.dry_run:
         env |= {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1")}
     else:

@@ -30,6 +30,13 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
   per-layer tensors are packed into one buffer per layer (they are re-fetched from memory after every
   matmul's weight stream, so locality matters).
 
+On a GPU a step is ~650 small kernels, each launched by the CPU: at batch 1 their launches, not the
+GPU, bound the speed.  There the step is captured in a CUDA graph (``cuda_graph="auto"``, the
+default; ``"on"`` insists, ``"off"`` never), one per batch size, with static buffers for the tokens,
+the state, the logits and the new state: a step copies its inputs in, replays the graph (the same
+kernels, so bitwise the uncaptured eager step) and returns copies of the outputs.  Where capture is
+impossible (a CPU, a capture error) the step runs uncaptured and ``graph_fallback`` says why.
+
 Elementwise ops use the same formulas, in the same order, as the parallel path, so they round the same
 way; the matrix products cannot (a (B, C) x (C, N) product is blocked differently from the (B*T, C)
 product of the parallel path, which moves results by an ulp or so).  On the reference checkpoints
@@ -53,7 +60,7 @@ from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
 # _step_impl indexes the state slots by number (TorchScript has no module constants): check them.
 assert (ATT_SHIFT, FFN_SHIFT, WKV_P, WKV_Q, WKV_O, LIF_ATT, LIF_FFN) == (0, 1, 2, 3, 4, 5, 6)
 
-__all__ = ["RecurrentDecoder", "decoder_for"]
+__all__ = ["RecurrentDecoder", "CudaGraphs", "decoder_for"]
 
 
 def _param_key(model):
@@ -241,6 +248,63 @@ def _compiled_step():
     return _scripted
 
 
+# Graphs a decoder keeps (one per batch size and spike collection): a decode loop uses one, and each
+# holds its own memory pool, so a caller cycling through many batch sizes evicts the oldest.
+_MAX_GRAPHS = 4
+
+
+class CudaGraphs:
+    """The capture backend of the decoder's graphs: torch.cuda's, used as PyTorch's CUDA Graphs notes
+    prescribe (a few warm-up runs on a side stream, then capture on that same stream, so that cuBLAS's
+    handle and workspace exist before capture)."""
+    warmup = 3
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """Why graphs cannot run on ``device`` (None: they can)."""
+        if device.type != "cuda":
+            return f"CUDA graphs need a CUDA device, the model is on {device.type}"
+        return None
+
+    def capture(self, run, device: torch.device):
+        """Record ``run()`` (which reads and writes only tensors that outlive the graph); returns the replay."""
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                run()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            run()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        return graph.replay
+
+
+class _StepGraph:
+    """One captured step: static tokens, state, logits and new state, and the graph's replay."""
+
+    def __init__(self, decoder, tokens, state, backend):
+        self.tokens = tokens.to(torch.long, copy=True)
+        self.state = torch.empty(state.shape, dtype=state.dtype, device=state.device).copy_(state)
+        self.logits = torch.empty(tokens.shape[0], decoder.vocab_size, dtype=decoder.emb.dtype,
+                                  device=decoder.emb.device)
+        self.new = torch.empty_like(self.state)
+        # A graph holds no references of its own: keep alive what it reads beyond the decoder's cache
+        # (the decoder's tensor of ones is replaced when another batch size comes along).
+        self.ones = decoder._ones(self.state)
+        self.counts: List[torch.Tensor] = []  # the spike counts the graph writes (when collecting)
+
+        def run():  # eager ops: a TorchScript executor could change its kernels after the capture
+            self.counts[:] = decoder._run(_step_impl, self.tokens, self.state, self.logits, self.new)
+
+        self.replay = backend.capture(run, state.device)
+
+    def step(self, tokens, state):
+        self.tokens.copy_(tokens)
+        self.state.copy_(state)
+        self.replay()
+        return self.logits.clone(), self.new.clone(), self.counts
+
+
 class RecurrentDecoder:
     """A precomputed single-token decoder for ``model`` (see the module docstring).
 
@@ -251,12 +315,21 @@ class RecurrentDecoder:
     (default; see the module docstring).
     ``exact_batches``: batches of 2+ sequences use the same (split) BLAS products as batch 1, bitwise
     the parallel path run on one token, instead of the faster oneDNN products (default off).
+    ``cuda_graph``: ``"auto"`` (capture the step in a CUDA graph where the model is on a GPU),
+    ``"on"`` (the same, a ``ValueError`` elsewhere, and a warning where capture fails) or ``"off"``;
+    ``graph_fallback`` is why a step runs uncaptured (None while graphs run), ``graph_captures``
+    counts captures.  ``graph_backend``: the capture backend (default :class:`CudaGraphs`).
     Set ``collect_spikes = True`` to accumulate per-layer spike counts in ``spike_counts``
     ((n_layer, 2) for the att / ffn LIFs) over ``spike_steps`` token steps.
     """
 
     def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True, split: bool = True,
-                 exact_batches: bool = False):
+                 exact_batches: bool = False, cuda_graph: str = "auto", graph_backend=None):
+        if cuda_graph not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graph must be 'auto', 'on' or 'off', got {cuda_graph!r}")
+        self.cuda_graph = cuda_graph
+        self.graph_backend = graph_backend if graph_backend is not None else CudaGraphs()
+        self.graph_captures = 0
         self.model = model
         self.exact_batches = exact_batches
         self.weight_dtype = weight_dtype
@@ -329,6 +402,12 @@ class RecurrentDecoder:
         self._batched = None  # the oneDNN copies for batches, built on first use
         self.vocab_size = mats[-1].shape[1]
         self._key = _param_key(m)
+        # The graphs read the tensors above: a rebuild drops them (and retries a failed capture).
+        self._graphs = {}
+        self.graph_fallback = "cuda_graph='off'" if self.cuda_graph == "off" else \
+            self.graph_backend.unavailable(self.emb.device)
+        if self.cuda_graph == "on" and self.graph_fallback is not None:
+            raise ValueError(f"cuda_graph='on': {self.graph_fallback}; use 'auto' or 'off'")
 
     def _split(self, mats):
         """Every (in, N) matrix as ``[blocks, rest]`` for ``_mm`` (``None`` where it cannot be split).
@@ -391,26 +470,57 @@ class RecurrentDecoder:
         self.spike_counts = None
         self.spike_steps = 0
 
-    @torch.no_grad()
-    def step(self, tokens, state):
-        """One token per sequence: ``tokens`` (B,) ids, ``state`` (n_layer, 7, B, C) -> logits (B, V),
-        new state (a new tensor; ``state`` is not modified)."""
-        self.refresh()
+    def _run(self, impl, tokens, state, logits, new) -> List[torch.Tensor]:
+        """``impl`` (the step function) on ``tokens`` and ``state``, writing ``logits`` and ``new``;
+        returns the spike counts (when collecting)."""
         cfg = self.model.config
-        tokens = tokens.reshape(-1)
-        new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
-        logits = torch.empty(tokens.shape[0], self.vocab_size, dtype=self.emb.dtype, device=self.emb.device)
         # Inference mode skips the autograd dispatch of every op (~10% of the per-token Python-free
         # overhead); the outputs are allocated outside it, so the caller gets ordinary tensors.
         mats = self._mats_for(tokens.shape[0])
         with torch.inference_mode():
-            counts = self._impl(
+            return impl(
                 tokens, state, self.emb, self.ln0[0], self.ln0[1], self.params,
                 mats, self.encs, self.ln_out[0],
                 self.ln_out[1], cfg.n_layer,
                 cfg.layer_norm_eps, self.tau, self.thetas, self._ones(state), self.tiny, bool(cfg.binary_embedding),
                 self.neuron, self.levels, self.bipolar, self.reset, self.cast, bool(self.collect_spikes), logits, new)
-        if self.collect_spikes and cfg.spiking:
+
+    def _graph_for(self, tokens, state):
+        """The captured step for this batch (captured now if new), or None where the step runs
+        uncaptured (``graph_fallback`` says why)."""
+        if self.graph_fallback is not None:
+            return None
+        key = (tokens.shape[0], tuple(state.shape), state.dtype, bool(self.collect_spikes))
+        graph = self._graphs.get(key)
+        if graph is None:
+            if len(self._graphs) >= _MAX_GRAPHS:
+                del self._graphs[next(iter(self._graphs))]
+            try:
+                graph = _StepGraph(self, tokens, state, self.graph_backend)
+            except Exception as e:  # an op or a state the capture does not support: run uncaptured
+                self.graph_fallback = f"capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+                self._graphs = {}
+                if self.cuda_graph == "on":
+                    warnings.warn(f"CUDA graph {self.graph_fallback}; decoding without it", stacklevel=3)
+                return None
+            self._graphs[key] = graph
+            self.graph_captures += 1
+        return graph
+
+    @torch.no_grad()
+    def step(self, tokens, state):
+        """One token per sequence: ``tokens`` (B,) ids, ``state`` (n_layer, 7, B, C) -> logits (B, V),
+        new state (a new tensor; ``state`` is not modified)."""
+        self.refresh()
+        tokens = tokens.reshape(-1)
+        graph = self._graph_for(tokens, state)
+        if graph is not None:
+            logits, new, counts = graph.step(tokens, state)
+        else:
+            new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
+            logits = torch.empty(tokens.shape[0], self.vocab_size, dtype=self.emb.dtype, device=self.emb.device)
+            counts = self._run(self._impl, tokens, state, logits, new)
+        if self.collect_spikes and self.model.config.spiking:
             c = torch.stack(counts).view(-1, 2).to("cpu", torch.float64)
             self.spike_counts = c if self.spike_counts is None else self.spike_counts + c
             self.spike_steps += tokens.numel()

@@ -192,6 +192,8 @@ def test_cli_stream_equals_batch_output(ckpts, capsys, monkeypatch):
     plain = capsys.readouterr().out
     assert main(args + ["--stream"]) == 0
     assert capsys.readouterr().out == plain
+    assert main(args + ["--cuda-graph", "off"]) == 0
+    assert capsys.readouterr().out == plain
     assert main(args + ["--bf16-weights", "--kernels", "torch"]) == 0
     assert main(args + ["--num-samples", "3", "--stop", "x"]) == 0
     assert plain.startswith("Hi")
@@ -215,6 +217,10 @@ def test_cli_errors(ckpts, capsys, tmp_path):
     assert main(["--ckpt", str(ckpts["run"]), "--max-new-tokens", "5", "--seed", "0"]) == 0  # empty prompt
     assert len(capsys.readouterr().out) >= 1
     assert main(["--ckpt", str(ckpts["byte"]), "--stream", "--num-samples", "2"]) == 2
+    capsys.readouterr()
+    assert main(["--ckpt", str(ckpts["byte"]), "--device", "cpu", "--cuda-graph", "on"]) == 2
+    assert capsys.readouterr().err == ("error: --cuda-graph on needs a CUDA device, the model is on cpu: pass "
+                                       "--device cuda, or --cuda-graph auto\n")
 
 
 def test_convert_and_reference_cli(shared_reference, tmp_path, capsys):
@@ -235,3 +241,14 @@ def test_convert_and_reference_cli(shared_reference, tmp_path, capsys):
                  "--prompt", "AB", "--max-new-tokens", "8", "--seed", "1", "--no-binary-embedding"]) == 0
     assert capsys.readouterr().out.startswith("AB")
     assert convert_main([str(pth), "--config", str(tmp_path / "nope.json"), "--out", str(out)]) == 2
+
+
+def test_closing_line_says_how_cuda_steps_ran():
+    from types import SimpleNamespace
+
+    from spikegpt.generate import _graph_note
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _graph_note(SimpleNamespace(graph_fallback=None, graph_captures=1), cuda) == ", CUDA graph"
+    assert _graph_note(SimpleNamespace(graph_fallback="capture failed (X: y)", graph_captures=0),
+                       cuda) == ", without CUDA graph: capture failed (X: y)"
+    assert _graph_note(SimpleNamespace(graph_fallback="CUDA graphs need a CUDA device", graph_captures=0), cpu) == ""
