@@ -132,6 +132,21 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
 
 
 # --------------------------------------------------------------------------------------------------
+# Token shift and the token-shift mixes.
+# --------------------------------------------------------------------------------------------------
+def token_shift(z, last):
+    """``zs[t] = z[t-1]``, with ``last`` (B, C) standing in for ``z[-1]``."""
+    return torch.cat([last[:, None].to(z.dtype), z[:, :-1]], dim=1)
+
+
+def token_shift_mix_torch(z, last, mus):
+    """Reference token-shift mixes (docs/model.md §1): ``z * mu + zs * (1 - mu)`` for each ``mu`` of
+    ``mus`` (each broadcasting against ``z``), with ``zs = token_shift(z, last)``."""
+    zs = token_shift(z, last)
+    return [z * mu + zs * (1 - mu) for mu in mus]
+
+
+# --------------------------------------------------------------------------------------------------
 # LIF reference.
 # --------------------------------------------------------------------------------------------------
 class _LIF(torch.autograd.Function):
@@ -496,6 +511,16 @@ def wkv(w, u, k, v, state=None, backend: str | None = None):
         from . import cpu
         return cpu.wkv(w, u, k, v, state)
     return wkv_torch(w, u, k, v, state)
+
+
+def token_shift_mix(z, last, mus, backend: str | None = None):
+    """The token-shift mixes of one ``z`` (B, T, C), one per ``mu`` of ``mus`` (each (1, 1, C)); see
+    :func:`token_shift_mix_torch`.  On fp32/fp64 CPU tensors, one fused pass (bitwise the same values;
+    the gradients agree to rounding)."""
+    if z.dtype in (torch.float32, torch.float64) and _use_cpu_fused(z, backend):
+        from . import cpu
+        return list(cpu.token_shift_mix(z, last, torch.stack(mus)).unbind(0))
+    return token_shift_mix_torch(z, last, mus)
 
 
 def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2.0,
