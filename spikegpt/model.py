@@ -176,7 +176,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, z, shift):
         zk, zr = ops.token_shift_mix(z, shift, (self.time_mix_k, self.time_mix_r))
-        k = torch.square(torch.relu(self.key(zk)))
+        k = ops.relu_square(self.key(zk))
         r = torch.sigmoid(self.receptance(zr))
         return r * self.value(k)
 

@@ -132,7 +132,7 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
 
 
 # --------------------------------------------------------------------------------------------------
-# Token shift and the token-shift mixes.
+# Token shift, the token-shift mixes and the squared ReLU.
 # --------------------------------------------------------------------------------------------------
 def token_shift(z, last):
     """``zs[t] = z[t-1]``, with ``last`` (B, C) standing in for ``z[-1]``."""
@@ -144,6 +144,11 @@ def token_shift_mix_torch(z, last, mus):
     ``mus`` (each broadcasting against ``z``), with ``zs = token_shift(z, last)``."""
     zs = token_shift(z, last)
     return [z * mu + zs * (1 - mu) for mu in mus]
+
+
+def relu_square_torch(x):
+    """Reference squared ReLU of the channel mixer's key, ``relu(x)^2``."""
+    return torch.square(torch.relu(x))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,6 +526,15 @@ def token_shift_mix(z, last, mus, backend: str | None = None):
         from . import cpu
         return list(cpu.token_shift_mix(z, last, torch.stack(mus)).unbind(0))
     return token_shift_mix_torch(z, last, mus)
+
+
+def relu_square(x, backend: str | None = None):
+    """``relu(x)^2``; see :func:`relu_square_torch`.  On fp32/fp64 CPU tensors, one fused pass forward
+    and backward (bitwise)."""
+    if x.dtype in (torch.float32, torch.float64) and _use_cpu_fused(x, backend):
+        from . import cpu
+        return cpu.relu_square(x)
+    return relu_square_torch(x)
 
 
 def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2.0,

@@ -250,9 +250,24 @@ def test_token_shift_mix_is_the_model_expression(dtype, tol):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def test_the_model_runs_its_mixes_fused_bitwise(monkeypatch):
-    """With only the mixes fused (WKV and the neuron on their references), the model's logits and loss
-    are bitwise those of ``--kernels torch``; its gradients agree to 1e-5 of the largest."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_square_is_bitwise_the_reference(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 7, 96, generator=g, dtype=dtype) * 3
+    x[0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), 1e-30], dtype=dtype)
+    x = x.requires_grad_()
+    cot = torch.randn(5, 7, 96, generator=g, dtype=dtype)
+    want, got = ops.relu_square_torch(x), cpu.relu_square(x)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    (gw,), (gg,) = _grads((want,), (x,), (cot,)), _grads((got,), (x,), (cot,))
+    assert torch.equal(gg.nan_to_num(), gw.nan_to_num()) and torch.equal(gg.isnan(), gw.isnan())
+
+
+def test_the_model_runs_its_mixes_and_squared_relu_fused_bitwise(monkeypatch):
+    """With only the mixes and the squared ReLU fused (WKV and the neuron on their references), the
+    model's logits and loss are bitwise those of ``--kernels torch``; its gradients agree to 1e-5 of
+    the largest."""
     from spikegpt import ModelConfig, SpikeGPT
 
     cfg = ModelConfig(vocab_size=11, n_layer=2, n_embd=16, ctx_len=8, dropout=0.0)
@@ -274,6 +289,7 @@ def test_the_model_runs_its_mixes_fused_bitwise(monkeypatch):
         z = torch.randn(3, 8, 16, requires_grad=True)
         assert type(ops.token_shift_mix(z, z[:, 0], [model.blocks[0].att.time_mix_k])[0].grad_fn).__name__ \
             == "UnbindBackward0"
+        assert type(ops.relu_square(z).grad_fn).__name__ == "_ReluSquareBackward"
         got = run()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     for a, b in zip(got[2], want[2]):
