@@ -21,12 +21,12 @@ same batch:
   autograd: what a direct transcription costs;
 * ``spikegpt-compiled`` (``--compile``): the references under ``torch.compile``.
 
-The first five run round-robin (one iteration of each per round, medians over the rounds), so that
-a change in the machine's load hits them alike; the ratios come from that one run.  Then a few
-iterations of ``spikegpt`` and of ``transformer`` run under ``torch.profiler`` and their time is split
-into matmul / neuron / WKV / other as ``step_profile.py`` describes (shares of the profiled step;
-the seconds are each share times the unprofiled median).  At ``45m`` only ``spikegpt`` and
-``transformer`` run, at batch 1 (tokens/s).  Results go to
+The first five run round-robin (one iteration of each per round, each round starting one variant
+later; medians over the rounds), so that a change in the machine's load hits them alike; the ratios
+come from that one run.  Then a few iterations of ``spikegpt`` and of ``transformer`` run under
+``torch.profiler`` and their time is split into matmul / neuron / WKV / other as ``step_profile.py``
+describes (shares of the profiled step; the seconds are each share times the unprofiled median).  At
+``45m`` only ``spikegpt`` and ``transformer`` run, at batch 1 (tokens/s).  Results go to
 ``benchmarks/results/cpu_train-SHAPE-THREADSt-<date>-<commit>.{json,md}``.
 """
 from __future__ import annotations
@@ -119,15 +119,19 @@ def train_step_fn(model, x, y):
 
 
 def interleaved(steps: dict, warmup: int, rounds: int) -> dict:
-    """Median seconds per call of each of ``steps`` (CPU), calling them in turn, ``rounds`` times."""
+    """Median seconds per call of each of ``steps`` (CPU), calling them in turn, ``rounds`` times.
+
+    Each round starts one variant later than the one before, so that every variant follows every
+    other equally often (a step runs measurably slower or faster depending on which ran before it)."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
+    names = list(steps)
     times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            steps[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -120,7 +120,8 @@ class Linear(nn.Linear):
 
 class TimeMix(nn.Module):
     """``W_o (sigmoid(W_r z_r) * WKV(-exp(time_decay), time_first, W_k z_k, W_v z_v))`` with the
-    token-shift mixes ``z_m = z * mu_m + zs * (1 - mu_m)`` (``ops.token_shift_mix``)."""
+    token-shift mixes ``z_m = z * mu_m + zs * (1 - mu_m)`` (``ops.token_shift_mix``) and the gate
+    ``sigmoid(.) * .`` (``ops.sigmoid_gate``)."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -153,9 +154,8 @@ class TimeMix(nn.Module):
         zk, zv, zr = ops.token_shift_mix(z, shift, (self.time_mix_k, self.time_mix_v, self.time_mix_r))
         k = self.key(zk)
         v = self.value(zv)
-        r = torch.sigmoid(self.receptance(zr))
         y, wkv_state = ops.wkv(-torch.exp(self.time_decay), self.time_first, k, v, wkv_state)
-        return self.output(r * y), wkv_state
+        return self.output(ops.sigmoid_gate(self.receptance(zr), y)), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -176,9 +176,7 @@ class ChannelMix(nn.Module):
 
     def forward(self, z, shift):
         zk, zr = ops.token_shift_mix(z, shift, (self.time_mix_k, self.time_mix_r))
-        k = ops.relu_square(self.key(zk))
-        r = torch.sigmoid(self.receptance(zr))
-        return r * self.value(k)
+        return ops.sigmoid_gate(self.receptance(zr), self.value(ops.relu_square(self.key(zk))))
 
 
 class Block(nn.Module):

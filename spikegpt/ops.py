@@ -132,7 +132,7 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
 
 
 # --------------------------------------------------------------------------------------------------
-# Token shift, the token-shift mixes and the squared ReLU.
+# Token shift, the token-shift mixes, the squared ReLU and the receptance gate.
 # --------------------------------------------------------------------------------------------------
 def token_shift(z, last):
     """``zs[t] = z[t-1]``, with ``last`` (B, C) standing in for ``z[-1]``."""
@@ -149,6 +149,11 @@ def token_shift_mix_torch(z, last, mus):
 def relu_square_torch(x):
     """Reference squared ReLU of the channel mixer's key, ``relu(x)^2``."""
     return torch.square(torch.relu(x))
+
+
+def sigmoid_gate_torch(a, y):
+    """Reference receptance gate, ``sigmoid(a) * y``."""
+    return torch.sigmoid(a) * y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -535,6 +540,16 @@ def relu_square(x, backend: str | None = None):
         from . import cpu
         return cpu.relu_square(x)
     return relu_square_torch(x)
+
+
+def sigmoid_gate(a, y, backend: str | None = None):
+    """``sigmoid(a) * y``; see :func:`sigmoid_gate_torch`.  On fp32/fp64 CPU tensors of one shape, the
+    backward is one fused pass (bitwise)."""
+    if a.dtype in (torch.float32, torch.float64) and y.dtype == a.dtype and y.shape == a.shape \
+            and _use_cpu_fused(a, backend):
+        from . import cpu
+        return cpu.sigmoid_gate(a, y)
+    return sigmoid_gate_torch(a, y)
 
 
 def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2.0,

@@ -264,10 +264,21 @@ def test_relu_square_is_bitwise_the_reference(dtype):
     assert torch.equal(gg.nan_to_num(), gw.nan_to_num()) and torch.equal(gg.isnan(), gw.isnan())
 
 
-def test_the_model_runs_its_mixes_and_squared_relu_fused_bitwise(monkeypatch):
-    """With only the mixes and the squared ReLU fused (WKV and the neuron on their references), the
-    model's logits and loss are bitwise those of ``--kernels torch``; its gradients agree to 1e-5 of
-    the largest."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_gate_is_bitwise_the_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(4, 9, 80, generator=g, dtype=dtype) * 6).requires_grad_()
+    y = torch.randn(4, 9, 80, generator=g, dtype=dtype).requires_grad_()
+    cot = torch.randn(4, 9, 80, generator=g, dtype=dtype)
+    want, got = ops.sigmoid_gate_torch(a, y), cpu.sigmoid_gate(a, y)
+    assert torch.equal(got, want)
+    assert all(torch.equal(x, w) for x, w in zip(_grads((got,), (a, y), (cot,)), _grads((want,), (a, y), (cot,))))
+
+
+def test_the_model_runs_its_mixes_squared_relu_and_gates_fused_bitwise(monkeypatch):
+    """With only the mixes, the squared ReLU and the gates fused (WKV and the neuron on their
+    references), the model's logits and loss are bitwise those of ``--kernels torch``; its gradients
+    agree to 1e-5 of the largest."""
     from spikegpt import ModelConfig, SpikeGPT
 
     cfg = ModelConfig(vocab_size=11, n_layer=2, n_embd=16, ctx_len=8, dropout=0.0)
@@ -290,6 +301,7 @@ def test_the_model_runs_its_mixes_and_squared_relu_fused_bitwise(monkeypatch):
         assert type(ops.token_shift_mix(z, z[:, 0], [model.blocks[0].att.time_mix_k])[0].grad_fn).__name__ \
             == "UnbindBackward0"
         assert type(ops.relu_square(z).grad_fn).__name__ == "_ReluSquareBackward"
+        assert type(ops.sigmoid_gate(z, z).grad_fn).__name__ == "_SigmoidGateBackward"
         got = run()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     for a, b in zip(got[2], want[2]):

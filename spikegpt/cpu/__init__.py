@@ -1,5 +1,5 @@
-"""Fused CPU ops: the WKV scan, the GIF/LIF neuron, the token-shift mixes and the FFN's squared ReLU,
-forward and backward, as one native call each.
+"""Fused CPU ops: the WKV scan, the GIF/LIF neuron, the token-shift mixes, the FFN's squared ReLU and the
+receptance gates, forward and backward, as one native call each (the gates: their backward).
 
 The pure PyTorch references of :mod:`spikegpt.ops` issue a few small tensor ops per token (the LIF
 loop) or per chunk (WKV); here each (B, T, C) call is one C++ loop over the tokens with the channels as
@@ -263,3 +263,28 @@ def relu_square(x):
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"relu_square runs fp32 or fp64, got {x.dtype}")
     return _ReluSquare.apply(x.contiguous())
+
+
+# --------------------------------------------------------------------------------------------------
+# The receptance gates.
+# --------------------------------------------------------------------------------------------------
+class _SigmoidGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, y):
+        s = torch.sigmoid(a)
+        ctx.save_for_backward(s, y)
+        return s * y
+
+    @staticmethod
+    def backward(ctx, g):
+        s, y = ctx.saved_tensors
+        return tuple(_extension().sigmoid_gate_backward(g.contiguous(), s, y))
+
+
+def sigmoid_gate(a, y):
+    """``sigmoid(a) * y`` of ``ops.sigmoid_gate_torch`` with its backward in one pass, bitwise (values
+    and gradients); ``a`` and ``y`` of one shape, fp32 or fp64."""
+    if a.dtype not in (torch.float32, torch.float64) or y.dtype != a.dtype or y.shape != a.shape:
+        raise TypeError(f"sigmoid_gate runs fp32 or fp64 operands of one shape, got {a.dtype} {tuple(a.shape)} "
+                        f"and {y.dtype} {tuple(y.shape)}")
+    return _SigmoidGate.apply(a.contiguous(), y.contiguous())
