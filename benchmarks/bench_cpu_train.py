@@ -53,7 +53,7 @@ from spikegpt import ModelConfig, SpikeGPT, cpu, ops  # noqa: E402
 SHAPES = {"tiny": dict(n_layer=4, n_embd=128, ctx_len=64, vocab_size=65, batch_size=12, iters=20, profiled=5),
           "45m": dict(n_layer=12, n_embd=512, ctx_len=1024, vocab_size=256, batch_size=1, iters=3, profiled=1),
           "smoke": dict(n_layer=2, n_embd=32, ctx_len=16, vocab_size=65, batch_size=2, iters=2, profiled=1)}
-TARGETS = {"spikegpt / transformer": 1.5, "gif / spikegpt": 1.2}
+TARGETS = {"spikegpt / transformer": 1.5, "gif / spikegpt": 1.2}  # at tiny (issues 17 and 13)
 
 
 def wkv_sequential(w, u, k, v, state=None):
@@ -184,7 +184,8 @@ def main(argv=None):
     fused_step = on_backend("auto", spikegpt_step())
     steps = {"spikegpt": fused_step}
     if full:
-        steps.update({n: on_backend("auto", spikegpt_step(dataclasses.replace(cfg, neuron=n))) for n in ("gif", "quant")})
+        for n in ("gif", "quant"):
+            steps[n] = on_backend("auto", spikegpt_step(dataclasses.replace(cfg, neuron=n)))
         steps["spikegpt-reference"] = on_backend("torch", spikegpt_step())
     steps["transformer"] = gpt_step
     load_before = os.getloadavg()
@@ -210,34 +211,40 @@ def main(argv=None):
     tokens = batch * cfg.ctx_len
     ratios = {"spikegpt / transformer": rows["spikegpt"] / rows["transformer"]}
     if full:
-        ratios.update({"gif / spikegpt": rows["gif"] / rows["spikegpt"], "quant / spikegpt": rows["quant"] / rows["spikegpt"],
+        ratios.update({"gif / spikegpt": rows["gif"] / rows["spikegpt"],
+                       "quant / spikegpt": rows["quant"] / rows["spikegpt"],
                        "spikegpt-reference / transformer": rows["spikegpt-reference"] / rows["transformer"]})
     result = {**header(device), "shape": {**shape, "batch_size": batch, "name": name},
               "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "fused_cpu_ops": cpu.available(), "rounds": iters, "seconds_per_iter": rows,
               "tokens_per_second": {k: tokens / s for k, s in rows.items()}, "ratios": ratios,
-              "targets": {k: v for k, v in TARGETS.items() if k in ratios}, "profiled_steps": profiled,
+              "targets": TARGETS if full else {}, "profiled_steps": profiled,
               "breakdown": breakdown, "load_average_1min": [load_before[0], load_after[0]],
               "note": "wall times on a machine shared with other processes: see load_average_1min "
                       f"(1-minute load before and after, on {os.cpu_count()} cores); the ratios are "
                       "medians of one round-robin run"}
     base, gpt = rows["spikegpt"], rows["transformer"]
+    fused = "yes" if result["fused_cpu_ops"] else f"no ({cpu.failure()})"
     lines = [f"CPU training step, {name}: L{cfg.n_layer} C{cfg.n_embd} ctx {cfg.ctx_len} batch {batch} vocab "
              f"{cfg.vocab_size} — {result['device']}, torch {result['torch']}, commit {result['commit']}, "
-             f"{result['date']}; fused CPU ops: {'yes' if result['fused_cpu_ops'] else 'no (' + str(cpu.failure()) + ')'}; "
-             f"1-minute load average {load_before[0]:.1f} before, {load_after[0]:.1f} after ({os.cpu_count()} cores, shared)",
-             "", "| variant | s/iter | tokens/s | vs spikegpt | vs transformer |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {n} | {sec:.4f} | {tokens / sec:.0f} | {sec / base:.2f}x | {sec / gpt:.2f}x |" for n, sec in rows.items()]
-    lines += ["", "Side by side (medians of one round-robin run of " + f"{iters} rounds): " + ", ".join(
-        f"{k} {v:.2f}x" + (f" (target <= {TARGETS[k]})" if k in TARGETS else "") for k, v in ratios.items()) + ".", "",
-        f"Where a step goes (torch.profiler, {profiled} step{'s' if profiled > 1 else ''}; share of the profiled step, "
-        "seconds = share x the unprofiled median):", "",
-        "| category | spikegpt s | share | transformer s | share |", "|---|---:|---:|---:|---:|"]
+             f"{result['date']}; fused CPU ops: {fused}; 1-minute load average {load_before[0]:.1f} before, "
+             f"{load_after[0]:.1f} after ({os.cpu_count()} cores, shared)", "",
+             "| variant | s/iter | tokens/s | vs spikegpt | vs transformer |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {sec:.4f} | {tokens / sec:.0f} | {sec / base:.2f}x | {sec / gpt:.2f}x |"
+              for n, sec in rows.items()]
+    side = ", ".join(f"{k} {v:.2f}x" + (f" (target <= {TARGETS[k]})" if k in result["targets"] else "")
+                     for k, v in ratios.items())
+    lines += ["", f"Side by side (medians of one round-robin run of {iters} rounds): {side}.", "",
+              f"Where a step goes (torch.profiler, {profiled} step{'s' if profiled > 1 else ''}; share of the "
+              "profiled step, seconds = share x the unprofiled median):", "",
+              "| category | spikegpt s | share | transformer s | share |", "|---|---:|---:|---:|---:|"]
     cats = {m: breakdown[m]["categories"] for m in breakdown}
     lines += [f"| {c} | {cats['spikegpt'][c]['seconds']:.4f} | {100 * cats['spikegpt'][c]['share']:.1f}% | "
-              f"{cats['transformer'][c]['seconds']:.4f} | {100 * cats['transformer'][c]['share']:.1f}% |" for c in CATEGORIES]
+              f"{cats['transformer'][c]['seconds']:.4f} | {100 * cats['transformer'][c]['share']:.1f}% |"
+              for c in CATEGORIES]
     lines += ["", "Largest ops in spikegpt's `other`: " + ", ".join(
-        f"{o['op']} {100 * o['share']:.1f}% ({o['calls_per_step']} calls/step)" for o in breakdown["spikegpt"]["top_other_ops"])]
+        f"{o['op']} {100 * o['share']:.1f}% ({o['calls_per_step']} calls/step)"
+        for o in breakdown["spikegpt"]["top_other_ops"])]
     markdown = "\n".join(lines)
     print(markdown)
     if not args.smoke:

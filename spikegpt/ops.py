@@ -11,6 +11,11 @@ PyTorch references, which are the CPU implementation, and dispatches to the Trit
 * ``"triton"``: always Triton (an error if it cannot run);
 * ``"torch"``: always the reference.
 
+The same seam carries the model's elementwise pieces that the fused CPU path runs in one native pass
+each (fp32/fp64 CPU tensors under ``"auto"``): the token-shift mixes (``token_shift_mix``), the
+channel mixer's squared ReLU (``relu_square``) and the receptance gate's backward (``sigmoid_gate``);
+elsewhere they run their reference expressions.
+
 Select it per call (``backend=``), process-wide (:func:`set_backend`) or for a block of code
 (:func:`use_backend`).
 

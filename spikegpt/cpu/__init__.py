@@ -17,9 +17,12 @@ Exactness, on fp32 (fp64 input runs in fp64; other dtypes compute in fp32, as th
   reference's ``sum``);
 * the WKV scan is the recurrence of ``ops.wkv_torch`` run token by token, where the reference sums a
   chunk of tokens by a matrix product: values and gradients agree to rounding (``tests/test_cpu_fused.py``
-  states the tolerances), and in fp64 to 1e-10.
+  states the tolerances), and in fp64 to 1e-10;
+* the token-shift mixes are bitwise the reference expression in value, their gradients agree to
+  rounding (the sum over (B, T) for ``mu`` runs in another order); the squared ReLU and the gate are
+  bitwise their references, values and gradients.
 
-Both are deterministic: a result never depends on the thread count, so an interrupted and resumed
+All are deterministic: a result never depends on the thread count, so an interrupted and resumed
 training run computes what an uninterrupted one does.
 
 WKV.  With the state before token t as ``(a_t, b_t, o_t)`` (numerator ``a e^o``, denominator
