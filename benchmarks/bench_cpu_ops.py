@@ -5,9 +5,8 @@
 
 Per op: forward + backward of one WKV call, one LIF call and five token-shift mixes of one input
 (``mix5``: the model's ``z * mu + zs * (1 - mu)``; a layer has five, on two inputs) at each shape's
-(batch, ctx, n_embd), median ms, reference (``--kernels torch``) vs fused.  The model does not use the
-fused mixes yet (``spikegpt.cpu.token_shift_mix``): the training step runs the references' mixes.  Training step (forward + backward + AdamW, the
-step of ``bench_cpu_train.py``), side by side in one run: SpikeGPT on the references, SpikeGPT on
+(batch, ctx, n_embd), median ms, reference (``--kernels torch``) vs fused.  Training step (forward +
+backward + AdamW, the step of ``bench_cpu_train.py``), side by side in one run: SpikeGPT on the references, SpikeGPT on
 the fused ops, and the same-size GPT of ``bench_cpu_train.py``; ``tiny`` at its batch (s/iter),
 ``45m`` at batch 1 (tokens/s, a few steps).  The neuron and WKV shares of the fused step are
 estimated from the per-op timings (8 LIF and n_layer WKV calls per step).
@@ -130,8 +129,8 @@ def main(argv=None):
         lines += [f"| {k} | {s:.4f} | {tokens / s:.0f} | {s / steps['transformer']:.2f}x |" for k, s in steps.items()]
         lines += ["", f"Fused step, estimated from the per-op timings: neuron {100 * neuron_ms / 1e3 / fused:.0f}%, "
                   f"WKV {100 * wkv_ms / 1e3 / fused:.0f}%, the rest (matrix products, token-shift mixes, "
-                  "norms, optimizer) the remainder.  Wiring the fused mixes into the model would save about "
-                  f"{mix_ms:.0f} ms of it ({100 * mix_ms / 1e3 / fused:.0f}%), estimated from the mix5 timings.", ""]
+                  "norms, optimizer) the remainder.  The fused mixes save about "
+                  f"{mix_ms:.0f} ms per step ({100 * mix_ms / 1e3 / fused:.0f}% of it), estimated from the mix5 timings.", ""]
     markdown = "\n".join(lines)
     print(markdown)
     if not args.smoke:

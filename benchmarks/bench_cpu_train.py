@@ -1,27 +1,40 @@
-"""Seconds per training iteration on a CPU, ours vs. the alternatives, measured side by side.
+"""Seconds per training iteration on a CPU, ours vs. the alternatives, measured side by side (issue 17).
 
-    python benchmarks/bench_cpu_train.py            # the issue's shape: L4 C128 ctx 64 batch 12 vocab 65
-    python benchmarks/bench_cpu_train.py --smoke    # a few iterations, for CI
+    python benchmarks/bench_cpu_train.py                 # tiny: L4 C128 ctx 64 batch 12 vocab 65
+    python benchmarks/bench_cpu_train.py --shape 45m     # L12 C512 ctx 1024 vocab 256, batch 1, a few steps
+    python benchmarks/bench_cpu_train.py --threads 1     # on a busy machine (see profile_cpu_train.py)
+    python benchmarks/bench_cpu_train.py --smoke         # a few iterations at tiny sizes, for CI
 
-A training iteration is forward + backward + AdamW step.  Variants, all on the same batch:
+A training iteration is forward + backward + gradient clipping + AdamW step.  Variants, all on the
+same batch:
 
-* ``spikegpt``: this package (chunked WKV with autograd, LIF with a hand-written backward);
-* ``wkv-sequential``: the same model with the textbook WKV (a Python loop over time with the running
-  max, autograd through the loop) — what a direct transcription of the recurrence costs;
-* ``lif-autograd``: the same model with the LIF loop differentiated by autograd;
-* ``gif`` / ``quant``: this package with ``--neuron gif`` (the default GIF configuration of
+* ``spikegpt``: this package as it trains on a CPU (``--kernels auto``: the fused C++ ops of
+  ``spikegpt.cpu`` where they build);
+* ``gif`` / ``quant``: the same with ``--neuron gif`` (the default GIF configuration of
   ``spikegpt.config.GIF_DEFAULTS``) or ``--neuron quant`` instead of the LIF (issue 13's budget: a GIF
   step at most 1.2x a LIF step);
-* ``transformer``: a same-size GPT (pre-LN, 4 heads, causal attention, GELU MLP 4C), the usual yardstick;
-* ``spikegpt-compiled`` (``--compile``): this package under ``torch.compile``.
+* ``spikegpt-reference``: this package on its PyTorch references (``--kernels torch``);
+* ``transformer``: a same-size GPT (pre-LN, 4 heads, causal attention, GELU MLP 4C), the yardstick
+  (issue 17's goal: ``spikegpt`` at most 1.5x it at tiny);
+* tiny only, on the references: ``wkv-sequential``, the textbook WKV (a Python loop over time with
+  the running max, autograd through the loop), and ``lif-autograd``, the LIF loop differentiated by
+  autograd: what a direct transcription costs;
+* ``spikegpt-compiled`` (``--compile``): the references under ``torch.compile``.
 
-Results go to ``benchmarks/results/cpu_train-<date>-<commit>.{json,md}``.
+The first five run round-robin (one iteration of each per round, each round starting one variant
+later; medians over the rounds), so that a change in the machine's load hits them alike; the ratios
+come from that one run.  Then a few iterations of ``spikegpt`` and of ``transformer`` run under
+``torch.profiler`` and their time is split into matmul / neuron / WKV / other as ``step_profile.py``
+describes (shares of the profiled step; the seconds are each share times the unprofiled median).  At
+``45m`` only ``spikegpt`` and ``transformer`` run, at batch 1 (tokens/s).  Results go to
+``benchmarks/results/cpu_train-SHAPE-THREADSt-<date>-<commit>.{json,md}``.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import math
+import os
 import statistics
 import sys
 import time
@@ -33,8 +46,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, timeit, write_result  # noqa: E402
+from step_profile import CATEGORIES, profile_steps  # noqa: E402
 
-from spikegpt import ModelConfig, SpikeGPT, ops  # noqa: E402
+from spikegpt import ModelConfig, SpikeGPT, cpu, ops  # noqa: E402
+
+SHAPES = {"tiny": dict(n_layer=4, n_embd=128, ctx_len=64, vocab_size=65, batch_size=12, iters=20, profiled=5),
+          "45m": dict(n_layer=12, n_embd=512, ctx_len=1024, vocab_size=256, batch_size=1, iters=3, profiled=1),
+          "smoke": dict(n_layer=2, n_embd=32, ctx_len=16, vocab_size=65, batch_size=2, iters=2, profiled=1)}
+TARGETS = {"spikegpt / transformer": 1.5, "gif / spikegpt": 1.2}  # at tiny (issues 17 and 13)
 
 
 def wkv_sequential(w, u, k, v, state=None):
@@ -100,79 +119,136 @@ def train_step_fn(model, x, y):
 
 
 def interleaved(steps: dict, warmup: int, rounds: int) -> dict:
-    """Median seconds per call of each of ``steps`` (CPU), calling them in turn, ``rounds`` times."""
+    """Median seconds per call of each of ``steps`` (CPU), calling them in turn, ``rounds`` times.
+
+    Each round starts one variant later than the one before, so that every variant follows every
+    other equally often (a step runs measurably slower or faster depending on which ran before it)."""
     for _ in range(warmup):
         for fn in steps.values():
             fn()
+    names = list(steps)
     times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            steps[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def on_backend(backend, fn):
+    """``fn`` run with the kernel backend ``backend``."""
+    def step():
+        with ops.use_backend(backend):
+            fn()
+    return step
+
+
+def step_breakdown(step, steps: int, seconds: float) -> dict:
+    """:func:`step_profile.profile_steps` of ``step``, with each category's share of ``seconds``."""
+    b = profile_steps(step, steps)
+    for v in b["categories"].values():
+        v["seconds"] = v["share"] * seconds
+    return b
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--ctx-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--vocab-size", type=int, default=65)
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per variant (median reported)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the model")
-    p.add_argument("--smoke", action="store_true", help="tiny and fast, for CI; writes no result file")
+    p.add_argument("--shape", choices=("tiny", "45m"), default="tiny")
+    p.add_argument("--iters", type=int, help="timed rounds (medians reported); default 20 at tiny, 3 at 45m")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the model (tiny)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, a few iterations, for CI; writes no result file")
     args = p.parse_args(argv)
-    if args.smoke:
-        args.n_layer, args.n_embd, args.ctx_len, args.batch_size, args.iters = 2, 32, 16, 2, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = "smoke" if args.smoke else args.shape
+    shape = dict(SHAPES[name])
+    batch, iters, profiled = shape.pop("batch_size"), shape.pop("iters"), shape.pop("profiled")
+    iters = args.iters or iters
+    full = name != "45m"  # every variant at tiny (and smoke); spikegpt and the GPT at 45m
 
     device = torch.device("cpu")
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=args.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, ctx_len=args.ctx_len)
-    x = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.ctx_len))
-    y = torch.randint(0, cfg.vocab_size, (args.batch_size, cfg.ctx_len))
-    warmup = 1 if args.smoke else 3
+    cfg = ModelConfig(**shape)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.ctx_len))
+    y = torch.randint(0, cfg.vocab_size, (batch, cfg.ctx_len))
+    warmup = 1 if name != "tiny" else 3
 
     def spikegpt_step(config=cfg):
         torch.manual_seed(0)
         return train_step_fn(SpikeGPT(config).train(), x, y)
 
-    rows = {}
-    with ops.use_backend("torch"):
-        # The neurons are compared round-robin (one step of each per round, medians over rounds), so
-        # that a change in the machine's load hits the three alike.
-        steps = {"spikegpt": spikegpt_step(), **{n: spikegpt_step(dataclasses.replace(cfg, neuron=n))
-                                                 for n in ("gif", "quant")}}
-        rows.update(interleaved(steps, warmup, args.iters))
-        real_wkv, real_lif = ops.wkv_torch, ops.lif_torch
-        try:
-            ops.wkv_torch = wkv_sequential
-            rows["wkv-sequential"] = timeit(spikegpt_step(), device, warmup, max(2, args.iters // 4))
-            ops.wkv_torch, ops.lif_torch = real_wkv, lif_autograd
-            rows["lif-autograd"] = timeit(spikegpt_step(), device, warmup, max(2, args.iters // 4))
-        finally:
-            ops.wkv_torch, ops.lif_torch = real_wkv, real_lif
-        if args.compile:
-            torch.manual_seed(0)
-            compiled = torch.compile(SpikeGPT(cfg).train())
-            rows["spikegpt-compiled"] = timeit(train_step_fn(compiled, x, y), device, warmup, args.iters)
     torch.manual_seed(0)
-    rows["transformer"] = timeit(train_step_fn(Transformer(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.ctx_len), x, y),
-                                 device, warmup, args.iters)
+    gpt_step = train_step_fn(Transformer(cfg.vocab_size, cfg.n_embd, cfg.n_layer, cfg.ctx_len), x, y)
+    fused_step = on_backend("auto", spikegpt_step())
+    steps = {"spikegpt": fused_step}
+    if full:
+        for n in ("gif", "quant"):
+            steps[n] = on_backend("auto", spikegpt_step(dataclasses.replace(cfg, neuron=n)))
+        steps["spikegpt-reference"] = on_backend("torch", spikegpt_step())
+    steps["transformer"] = gpt_step
+    load_before = os.getloadavg()
+    rows = interleaved(steps, warmup, iters)
+    if full:
+        with ops.use_backend("torch"):
+            real_wkv, real_lif = ops.wkv_torch, ops.lif_torch
+            try:
+                ops.wkv_torch = wkv_sequential
+                rows["wkv-sequential"] = timeit(spikegpt_step(), device, warmup, max(2, iters // 4))
+                ops.wkv_torch, ops.lif_torch = real_wkv, lif_autograd
+                rows["lif-autograd"] = timeit(spikegpt_step(), device, warmup, max(2, iters // 4))
+            finally:
+                ops.wkv_torch, ops.lif_torch = real_wkv, real_lif
+            if args.compile:
+                torch.manual_seed(0)
+                compiled = torch.compile(SpikeGPT(cfg).train())
+                rows["spikegpt-compiled"] = timeit(train_step_fn(compiled, x, y), device, warmup, iters)
+    breakdown = {"spikegpt": step_breakdown(fused_step, profiled, rows["spikegpt"]),
+                 "transformer": step_breakdown(gpt_step, profiled, rows["transformer"])}
+    load_after = os.getloadavg()
 
-    result = {**header(device), "shape": dict(n_layer=cfg.n_layer, n_embd=cfg.n_embd, ctx_len=cfg.ctx_len,
-                                              batch_size=args.batch_size, vocab_size=cfg.vocab_size),
-              "seconds_per_iter": rows, "target_seconds_per_iter": 0.14}
-    base = rows["spikegpt"]
-    lines = [f"CPU training step, L{cfg.n_layer} C{cfg.n_embd} ctx {cfg.ctx_len} batch {args.batch_size} "
-             f"vocab {cfg.vocab_size} — {result['device']}, torch {result['torch']}, commit {result['commit']}, "
-             f"{result['date']}", "", "| variant | s/iter | vs spikegpt |", "|---|---:|---:|"]
-    lines += [f"| {name} | {sec:.4f} | {sec / base:.2f}x |" for name, sec in rows.items()]
+    tokens = batch * cfg.ctx_len
+    ratios = {"spikegpt / transformer": rows["spikegpt"] / rows["transformer"]}
+    if full:
+        ratios.update({"gif / spikegpt": rows["gif"] / rows["spikegpt"],
+                       "quant / spikegpt": rows["quant"] / rows["spikegpt"],
+                       "spikegpt-reference / transformer": rows["spikegpt-reference"] / rows["transformer"]})
+    result = {**header(device), "shape": {**shape, "batch_size": batch, "name": name},
+              "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "fused_cpu_ops": cpu.available(), "rounds": iters, "seconds_per_iter": rows,
+              "tokens_per_second": {k: tokens / s for k, s in rows.items()}, "ratios": ratios,
+              "targets": TARGETS if full else {}, "profiled_steps": profiled,
+              "breakdown": breakdown, "load_average_1min": [load_before[0], load_after[0]],
+              "note": "wall times on a machine shared with other processes: see load_average_1min "
+                      f"(1-minute load before and after, on {os.cpu_count()} cores); the ratios are "
+                      "medians of one round-robin run"}
+    base, gpt = rows["spikegpt"], rows["transformer"]
+    fused = "yes" if result["fused_cpu_ops"] else f"no ({cpu.failure()})"
+    lines = [f"CPU training step, {name}: L{cfg.n_layer} C{cfg.n_embd} ctx {cfg.ctx_len} batch {batch} vocab "
+             f"{cfg.vocab_size} — {result['device']}, torch {result['torch']}, commit {result['commit']}, "
+             f"{result['date']}; fused CPU ops: {fused}; 1-minute load average {load_before[0]:.1f} before, "
+             f"{load_after[0]:.1f} after ({os.cpu_count()} cores, shared)", "",
+             "| variant | s/iter | tokens/s | vs spikegpt | vs transformer |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {sec:.4f} | {tokens / sec:.0f} | {sec / base:.2f}x | {sec / gpt:.2f}x |"
+              for n, sec in rows.items()]
+    side = ", ".join(f"{k} {v:.2f}x" + (f" (target <= {TARGETS[k]})" if k in result["targets"] else "")
+                     for k, v in ratios.items())
+    lines += ["", f"Side by side (medians of one round-robin run of {iters} rounds): {side}.", "",
+              f"Where a step goes (torch.profiler, {profiled} step{'s' if profiled > 1 else ''}; share of the "
+              "profiled step, seconds = share x the unprofiled median):", "",
+              "| category | spikegpt s | share | transformer s | share |", "|---|---:|---:|---:|---:|"]
+    cats = {m: breakdown[m]["categories"] for m in breakdown}
+    lines += [f"| {c} | {cats['spikegpt'][c]['seconds']:.4f} | {100 * cats['spikegpt'][c]['share']:.1f}% | "
+              f"{cats['transformer'][c]['seconds']:.4f} | {100 * cats['transformer'][c]['share']:.1f}% |"
+              for c in CATEGORIES]
+    lines += ["", "Largest ops in spikegpt's `other`: " + ", ".join(
+        f"{o['op']} {100 * o['share']:.1f}% ({o['calls_per_step']} calls/step)"
+        for o in breakdown["spikegpt"]["top_other_ops"])]
     markdown = "\n".join(lines)
     print(markdown)
     if not args.smoke:
-        print(f"\nwritten to {write_result('cpu_train', result, markdown)}")
+        print(f"\nwritten to {write_result(f'cpu_train-{name}-{torch.get_num_threads()}t', result, markdown)}")
     assert all(math.isfinite(v) for v in rows.values())
     return result
 

@@ -5,117 +5,37 @@
     python benchmarks/profile_cpu_train.py --threads 1      # on a busy machine (see below)
     python benchmarks/profile_cpu_train.py --smoke          # tiny sizes, seconds, no file (CI)
 
-A step is what ``bench_cpu_train.py`` times (forward + backward + gradient clipping + AdamW) on the
-reference ops, run under ``torch.profiler``.  For this script only, ``ops.wkv`` and the neuron ops
-(``ops.lif``, and ``ops.gif`` where the package has it) are wrapped in ``record_function`` ranges (by
-replacing the module attributes the model calls; the model itself is unchanged).  Every op's self CPU
-time then goes to one category:
-
-* ``wkv`` / ``neuron``: ops inside that range in the forward pass, and in the backward pass the
-  autograd nodes created there (matched by their sequence numbers), with everything they call;
-* ``matmul``: the matrix products everywhere else (``aten::mm``, ``addmm``, ``bmm``, ...), forward and
-  backward;
-* ``other``: the rest: elementwise ops (the token-shift mixes, gates), LayerNorm, embedding and loss,
-  the optimizer, and the Python between ops.
+A step is what ``bench_cpu_train.py`` times (forward + backward + gradient clipping + AdamW), on the
+fused CPU ops (``--kernels auto``, the default) or the references (``--kernels torch``), run under
+``torch.profiler``; ``step_profile.py`` says how each op's self CPU time goes to a category (matmul,
+neuron, WKV, other).
 
 The profiler adds about a microsecond per op, which weighs most on the categories made of many small
 ops; the step's time without the profiler (median of ``--steps``) is reported beside the shares, with
 the machine's load average before and after.  On a CPU shared with other processes, OpenMP's
 spin-waiting makes multi-threaded steps erratic (10-100x slower at times): ``--threads 1`` gives
 stable numbers there.  Results go to
-``benchmarks/results/profile_cpu_train-SHAPE-THREADSt-DATE-COMMIT.{json,md}``, or ``--out PATH``.
+``benchmarks/results/profile_cpu_train-SHAPE-THREADSt[-torch]-DATE-COMMIT.{json,md}``, or ``--out PATH``.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu_train import train_step_fn  # noqa: E402
 from common import header, timeit, write_json_md, write_result  # noqa: E402
+from step_profile import profile_steps  # noqa: E402
 
 from spikegpt import ModelConfig, SpikeGPT, ops  # noqa: E402
 
 SHAPES = {"tiny": dict(n_layer=4, n_embd=128, ctx_len=64, vocab_size=65, batch_size=12, steps=10),
           "45m": dict(n_layer=12, n_embd=512, ctx_len=1024, vocab_size=256, batch_size=1, steps=3),
           "smoke": dict(n_layer=2, n_embd=32, ctx_len=16, vocab_size=65, batch_size=2, steps=2)}
-RANGES = {"spikegpt::wkv": "wkv", "spikegpt::neuron": "neuron"}
-NEURON_OPS = ("lif", "gif")  # ops.gif: the GIF neurons (issue 13), where the package has them
-MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::matmul", "aten::linear",
-          "aten::mv", "aten::addmv", "aten::dot"}
-STEP = "train_step"
-ENGINE = "autograd::engine::evaluate_function: "
-CATEGORIES = ("matmul", "neuron", "wkv", "other")
-
-
-def _ranged(name, fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with record_function(name):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-def wrap_ops():
-    """Wrap ops.wkv and the neuron ops in profiler ranges; returns the originals (for unwrap_ops)."""
-    originals = {"wkv": ops.wkv, **{n: getattr(ops, n) for n in NEURON_OPS if hasattr(ops, n)}}
-    for n, fn in originals.items():
-        setattr(ops, n, _ranged("spikegpt::wkv" if n == "wkv" else "spikegpt::neuron", fn))
-    return originals
-
-
-def unwrap_ops(originals):
-    for n, fn in originals.items():
-        setattr(ops, n, fn)
-
-
-def categorise(events, steps: int) -> dict:
-    """Self CPU time per category (ms per step, share of the step) and the top ops of ``other``."""
-    def ancestors(e):
-        while e is not None:
-            yield e
-            e = e.cpu_parent
-
-    in_step = [e for e in events if any(a.name == STEP for a in ancestors(e))]
-    # Autograd nodes created inside a range: the forward ops' sequence numbers.
-    created = {}
-    for e in in_step:
-        if e.sequence_nr >= 0 and not e.name.startswith(ENGINE):
-            for a in ancestors(e):
-                if a.name in RANGES:
-                    created[e.sequence_nr] = RANGES[a.name]
-                    break
-
-    def category(e):
-        for a in ancestors(e):
-            if a.name in RANGES:
-                return RANGES[a.name]
-            if a.name.startswith(ENGINE) and a.sequence_nr in created:
-                return created[a.sequence_nr]
-        return "matmul" if e.name in MATMUL else "other"
-
-    us = defaultdict(float)
-    other = defaultdict(lambda: [0.0, 0])
-    for e in in_step:
-        c = category(e)
-        us[c] += e.self_cpu_time_total
-        if c == "other":
-            other[e.name][0] += e.self_cpu_time_total
-            other[e.name][1] += 1
-    total = sum(us.values()) or 1.0
-    top = sorted(other.items(), key=lambda kv: kv[1][0], reverse=True)[:10]
-    return {"profiled_ms_per_step": total / 1e3 / steps,
-            "categories": {c: {"ms_per_step": us[c] / 1e3 / steps, "share": us[c] / total} for c in CATEGORIES},
-            "top_other_ops": [{"op": name, "ms_per_step": t / 1e3 / steps, "share": t / total,
-                               "calls_per_step": n // steps}
-                              for name, (t, n) in top]}
 
 
 def main(argv=None):
@@ -123,6 +43,8 @@ def main(argv=None):
     p.add_argument("--shape", choices=("tiny", "45m"), default="tiny")
     p.add_argument("--batch-size", type=int, help="default: 12 at tiny, 1 at 45m")
     p.add_argument("--steps", type=int, help="timed and profiled steps (default: 10 at tiny, 3 at 45m)")
+    p.add_argument("--kernels", choices=("auto", "torch"), default="auto",
+                   help="auto: the fused CPU ops where they build; torch: the PyTorch references")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's, i.e. OMP_NUM_THREADS or all cores)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds, writes no file")
     p.add_argument("--out", help="JSON path (the table is written beside it as .md) instead of benchmarks/results/")
@@ -140,28 +62,20 @@ def main(argv=None):
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.ctx_len))
     y = torch.randint(0, cfg.vocab_size, (batch, cfg.ctx_len))
     load_before = os.getloadavg()
-    with ops.use_backend("torch"):
+    with ops.use_backend(args.kernels):
         step = train_step_fn(SpikeGPT(cfg).train(), x, y)
         seconds = timeit(step, device, warmup=1 if args.smoke else 2, iters=steps)
-        originals = wrap_ops()
-        try:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(steps):
-                    with record_function(STEP):
-                        step()
-        finally:
-            unwrap_ops(originals)
+        breakdown = profile_steps(step, steps)
     load_after = os.getloadavg()
-    breakdown = categorise(prof.events(), steps)
 
     result = {**header(device), "shape": {**shape, "batch_size": batch, "name": name}, "steps": steps,
-              "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+              "kernels": args.kernels, "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
               "seconds_per_step": seconds, "tokens_per_s": batch * cfg.ctx_len / seconds, **breakdown,
               "load_average_1min": [load_before[0], load_after[0]],
               "note": "wall times on a machine shared with other processes: see load_average_1min "
                       f"(1-minute load before and after, on {os.cpu_count()} cores)"}
     lines = [f"CPU training step profile, {name}: L{cfg.n_layer} C{cfg.n_embd} ctx {cfg.ctx_len} batch {batch} "
-             f"vocab {cfg.vocab_size}, {steps} steps — {result['device']}, torch {result['torch']}, commit "
+             f"vocab {cfg.vocab_size}, {steps} steps, --kernels {args.kernels} — {result['device']}, torch {result['torch']}, commit "
              f"{result['commit']}, {result['date']}", "",
              f"{seconds:.4f} s per step without the profiler ({result['tokens_per_s']:.0f} tokens/s), "
              f"{breakdown['profiled_ms_per_step'] / 1e3:.4f} s with it; 1-minute load average "
@@ -175,7 +89,8 @@ def main(argv=None):
     if args.out:
         print(f"written to {write_json_md(args.out, result, markdown)}")
     elif not args.smoke:
-        print(f"written to {write_result(f'profile_cpu_train-{name}-{torch.get_num_threads()}t', result, markdown)}")
+        suffix = "" if args.kernels == "auto" else f"-{args.kernels}"
+        print(f"written to {write_result(f'profile_cpu_train-{name}-{torch.get_num_threads()}t{suffix}', result, markdown)}")
     return result
 
 

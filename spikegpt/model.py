@@ -21,14 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .ops import token_shift  # noqa: F401  (re-exported: spikegpt.model.token_shift)
 from .config import ModelConfig
 from .spikify.encoding import InputEncoder
 from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, N_STATE_SLOTS, WKV_O, WKV_P, WKV_Q, initial_state  # noqa: F401  (re-exported: spikegpt.model.N_STATE_SLOTS)
-
-
-def token_shift(z, last):
-    """``zs[t] = z[t-1]``, with ``last`` (B, C) standing in for ``z[-1]``."""
-    return torch.cat([last[:, None].to(z.dtype), z[:, :-1]], dim=1)
 
 
 class Neuron(nn.Module):
@@ -123,7 +119,9 @@ class Linear(nn.Linear):
 
 
 class TimeMix(nn.Module):
-    """``W_o (sigmoid(W_r z_r) * WKV(-exp(time_decay), time_first, W_k z_k, W_v z_v))``."""
+    """``W_o (sigmoid(W_r z_r) * WKV(-exp(time_decay), time_first, W_k z_k, W_v z_v))`` with the
+    token-shift mixes ``z_m = z * mu_m + zs * (1 - mu_m)`` (``ops.token_shift_mix``) and the gate
+    ``sigmoid(.) * .`` (``ops.sigmoid_gate``)."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -153,16 +151,15 @@ class TimeMix(nn.Module):
         self.time_mix_r.copy_(s ** (0.5 * r1))
 
     def forward(self, z, shift, wkv_state):
-        zs = token_shift(z, shift)
-        k = self.key(z * self.time_mix_k + zs * (1 - self.time_mix_k))
-        v = self.value(z * self.time_mix_v + zs * (1 - self.time_mix_v))
-        r = torch.sigmoid(self.receptance(z * self.time_mix_r + zs * (1 - self.time_mix_r)))
+        zk, zv, zr = ops.token_shift_mix(z, shift, (self.time_mix_k, self.time_mix_v, self.time_mix_r))
+        k = self.key(zk)
+        v = self.value(zv)
         y, wkv_state = ops.wkv(-torch.exp(self.time_decay), self.time_first, k, v, wkv_state)
-        return self.output(r * y), wkv_state
+        return self.output(ops.sigmoid_gate(self.receptance(zr), y)), wkv_state
 
 
 class ChannelMix(nn.Module):
-    """The spiking receptance FFN: ``sigmoid(W_r z_r) * W_v(relu(W_k z_k)^2)``."""
+    """The spiking receptance FFN: ``sigmoid(W_r z_r) * W_v(relu(W_k z_k)^2)`` (mixes as in TimeMix)."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -178,10 +175,8 @@ class ChannelMix(nn.Module):
             self.time_mix_r.copy_(s ** (1 - layer_id / L))
 
     def forward(self, z, shift):
-        zs = token_shift(z, shift)
-        k = torch.square(torch.relu(self.key(z * self.time_mix_k + zs * (1 - self.time_mix_k))))
-        r = torch.sigmoid(self.receptance(z * self.time_mix_r + zs * (1 - self.time_mix_r)))
-        return r * self.value(k)
+        zk, zr = ops.token_shift_mix(z, shift, (self.time_mix_k, self.time_mix_r))
+        return ops.sigmoid_gate(self.receptance(zr), self.value(ops.relu_square(self.key(zk))))
 
 
 class Block(nn.Module):

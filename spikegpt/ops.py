@@ -11,6 +11,11 @@ PyTorch references, which are the CPU implementation, and dispatches to the Trit
 * ``"triton"``: always Triton (an error if it cannot run);
 * ``"torch"``: always the reference.
 
+The same seam carries the model's elementwise pieces that the fused CPU path runs in one native pass
+each (fp32/fp64 CPU tensors under ``"auto"``): the token-shift mixes (``token_shift_mix``), the
+channel mixer's squared ReLU (``relu_square``) and the receptance gate's backward (``sigmoid_gate``);
+elsewhere they run their reference expressions.
+
 Select it per call (``backend=``), process-wide (:func:`set_backend`) or for a block of code
 (:func:`use_backend`).
 
@@ -129,6 +134,31 @@ def _wkv_chunked(w, u, k, v, state, chunk, compute):
         p, q, o = num[:, n] / q_end, torch.ones_like(q_end), K + torch.log(q_end)
     y = torch.cat(ys, dim=1).permute(2, 1, 0)
     return y, (p.T, q.T, o.T), float(torch.stack(den_mins).amin())  # one device sync per call
+
+
+# --------------------------------------------------------------------------------------------------
+# Token shift, the token-shift mixes, the squared ReLU and the receptance gate.
+# --------------------------------------------------------------------------------------------------
+def token_shift(z, last):
+    """``zs[t] = z[t-1]``, with ``last`` (B, C) standing in for ``z[-1]``."""
+    return torch.cat([last[:, None].to(z.dtype), z[:, :-1]], dim=1)
+
+
+def token_shift_mix_torch(z, last, mus):
+    """Reference token-shift mixes (docs/model.md §1): ``z * mu + zs * (1 - mu)`` for each ``mu`` of
+    ``mus`` (each broadcasting against ``z``), with ``zs = token_shift(z, last)``."""
+    zs = token_shift(z, last)
+    return [z * mu + zs * (1 - mu) for mu in mus]
+
+
+def relu_square_torch(x):
+    """Reference squared ReLU of the channel mixer's key, ``relu(x)^2``."""
+    return torch.square(torch.relu(x))
+
+
+def sigmoid_gate_torch(a, y):
+    """Reference receptance gate, ``sigmoid(a) * y``."""
+    return torch.sigmoid(a) * y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,6 +526,35 @@ def wkv(w, u, k, v, state=None, backend: str | None = None):
         from . import cpu
         return cpu.wkv(w, u, k, v, state)
     return wkv_torch(w, u, k, v, state)
+
+
+def token_shift_mix(z, last, mus, backend: str | None = None):
+    """The token-shift mixes of one ``z`` (B, T, C), one per ``mu`` of ``mus`` (each (1, 1, C)); see
+    :func:`token_shift_mix_torch`.  On fp32/fp64 CPU tensors, one fused pass (bitwise the same values;
+    the gradients agree to rounding)."""
+    if z.dtype in (torch.float32, torch.float64) and _use_cpu_fused(z, backend):
+        from . import cpu
+        return list(cpu.token_shift_mix(z, last, torch.stack(mus)).unbind(0))
+    return token_shift_mix_torch(z, last, mus)
+
+
+def relu_square(x, backend: str | None = None):
+    """``relu(x)^2``; see :func:`relu_square_torch`.  On fp32/fp64 CPU tensors, one fused pass forward
+    and backward (bitwise)."""
+    if x.dtype in (torch.float32, torch.float64) and _use_cpu_fused(x, backend):
+        from . import cpu
+        return cpu.relu_square(x)
+    return relu_square_torch(x)
+
+
+def sigmoid_gate(a, y, backend: str | None = None):
+    """``sigmoid(a) * y``; see :func:`sigmoid_gate_torch`.  On fp32/fp64 CPU tensors of one shape, the
+    backward is one fused pass (bitwise)."""
+    if a.dtype in (torch.float32, torch.float64) and y.dtype == a.dtype and y.shape == a.shape \
+            and _use_cpu_fused(a, backend):
+        from . import cpu
+        return cpu.sigmoid_gate(a, y)
+    return sigmoid_gate_torch(a, y)
 
 
 def lif(x, v0=None, tau: float = 2.0, v_threshold: float = 1.0, alpha: float = 2.0,

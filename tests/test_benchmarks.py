@@ -201,3 +201,23 @@ def test_gpu_check_dry_run_from_a_copied_uninstalled_checkout(tmp_path):
     assert summary["commit"] == "0123456789abcdef"
     assert all(part["status"] == "ok" for part in summary["parts"].values()), summary["parts"]
     assert json.loads((tree / "check" / "train.json").read_text())["result"]["commit"] == "0123456"
+
+
+def test_bench_cpu_train_reports_side_by_side_ratios_and_the_step_breakdown():
+    sys.path.insert(0, str(BENCH))
+    from bench_cpu_train import main
+
+    result = main(["--smoke"])
+    rows = result["seconds_per_iter"]
+    assert set(result["ratios"]) == {"spikegpt / transformer", "gif / spikegpt", "quant / spikegpt",
+                                     "spikegpt-reference / transformer"}
+    assert result["ratios"]["gif / spikegpt"] == rows["gif"] / rows["spikegpt"]
+    for model in ("spikegpt", "transformer"):
+        cats = result["breakdown"][model]["categories"]
+        assert list(cats) == ["matmul", "neuron", "wkv", "other"]
+        assert abs(sum(c["share"] for c in cats.values()) - 1) < 1e-9
+        assert abs(sum(c["seconds"] for c in cats.values()) - rows[model]) < 1e-9 * rows[model]
+        assert cats["matmul"]["seconds"] > 0
+    spiking, gpt = result["breakdown"]["spikegpt"]["categories"], result["breakdown"]["transformer"]["categories"]
+    assert spiking["neuron"]["seconds"] > 0 and spiking["wkv"]["seconds"] > 0
+    assert gpt["neuron"]["seconds"] == 0 and gpt["wkv"]["seconds"] == 0

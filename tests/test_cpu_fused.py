@@ -250,6 +250,64 @@ def test_token_shift_mix_is_the_model_expression(dtype, tol):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_square_is_bitwise_the_reference(dtype):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 7, 96, generator=g, dtype=dtype) * 3
+    x[0, 0, :4] = torch.tensor([0.0, -0.0, float("nan"), 1e-30], dtype=dtype)
+    x = x.requires_grad_()
+    cot = torch.randn(5, 7, 96, generator=g, dtype=dtype)
+    want, got = ops.relu_square_torch(x), cpu.relu_square(x)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    (gw,), (gg,) = _grads((want,), (x,), (cot,)), _grads((got,), (x,), (cot,))
+    assert torch.equal(gg.nan_to_num(), gw.nan_to_num()) and torch.equal(gg.isnan(), gw.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_gate_is_bitwise_the_reference(dtype):
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(4, 9, 80, generator=g, dtype=dtype) * 6).requires_grad_()
+    y = torch.randn(4, 9, 80, generator=g, dtype=dtype).requires_grad_()
+    cot = torch.randn(4, 9, 80, generator=g, dtype=dtype)
+    want, got = ops.sigmoid_gate_torch(a, y), cpu.sigmoid_gate(a, y)
+    assert torch.equal(got, want)
+    assert all(torch.equal(x, w) for x, w in zip(_grads((got,), (a, y), (cot,)), _grads((want,), (a, y), (cot,))))
+
+
+def test_the_model_runs_its_mixes_squared_relu_and_gates_fused_bitwise(monkeypatch):
+    """With only the mixes, the squared ReLU and the gates fused (WKV and the neuron on their
+    references), the model's logits and loss are bitwise those of ``--kernels torch``; its gradients
+    agree to 1e-5 of the largest."""
+    from spikegpt import ModelConfig, SpikeGPT
+
+    cfg = ModelConfig(vocab_size=11, n_layer=2, n_embd=16, ctx_len=8, dropout=0.0)
+    torch.manual_seed(0)
+    model = SpikeGPT(cfg).train()
+    idx, tgt = torch.randint(0, 11, (3, 8)), torch.randint(0, 11, (3, 8))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits, loss = model(idx, tgt)
+        loss.backward()
+        return logits, loss, [p.grad.clone() for p in model.parameters()]
+
+    with ops.use_backend("torch"):
+        want = run()
+    monkeypatch.setattr(ops, "wkv", lambda *a: ops.wkv_torch(*a))
+    monkeypatch.setattr(ops, "lif", lambda *a: ops.lif_torch(*a))
+    with ops.use_backend("auto"):
+        z = torch.randn(3, 8, 16, requires_grad=True)
+        assert type(ops.token_shift_mix(z, z[:, 0], [model.blocks[0].att.time_mix_k])[0].grad_fn).__name__ \
+            == "UnbindBackward0"
+        assert type(ops.relu_square(z).grad_fn).__name__ == "_ReluSquareBackward"
+        assert type(ops.sigmoid_gate(z, z).grad_fn).__name__ == "_SigmoidGateBackward"
+        got = run()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
 # --------------------------------------------------------------------------------------------------
 # Dispatch, determinism, fallback.
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Fused CPU ops: the WKV scan, the GIF/LIF neuron and the token-shift mixes, forward and backward, as
-one native call each.
+"""Fused CPU ops: the WKV scan, the GIF/LIF neuron, the token-shift mixes, the FFN's squared ReLU and the
+receptance gates, forward and backward, as one native call each (the gates: their backward).
 
 The pure PyTorch references of :mod:`spikegpt.ops` issue a few small tensor ops per token (the LIF
 loop) or per chunk (WKV); here each (B, T, C) call is one C++ loop over the tokens with the channels as
@@ -17,9 +17,12 @@ Exactness, on fp32 (fp64 input runs in fp64; other dtypes compute in fp32, as th
   reference's ``sum``);
 * the WKV scan is the recurrence of ``ops.wkv_torch`` run token by token, where the reference sums a
   chunk of tokens by a matrix product: values and gradients agree to rounding (``tests/test_cpu_fused.py``
-  states the tolerances), and in fp64 to 1e-10.
+  states the tolerances), and in fp64 to 1e-10;
+* the token-shift mixes are bitwise the reference expression in value, their gradients agree to
+  rounding (the sum over (B, T) for ``mu`` runs in another order); the squared ReLU and the gate are
+  bitwise their references, values and gradients.
 
-Both are deterministic: a result never depends on the thread count, so an interrupted and resumed
+All are deterministic: a result never depends on the thread count, so an interrupted and resumed
 training run computes what an uninterrupted one does.
 
 WKV.  With the state before token t as ``(a_t, b_t, o_t)`` (numerator ``a e^o``, denominator
@@ -43,6 +46,7 @@ differentiated, and so is the threshold.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 import sys
 import warnings
@@ -80,7 +84,10 @@ def _build():
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         flags.append("-fopenmp")  # the threads of ATen's parallel_for (torch's own OpenMP runtime)
         ldflags.append("-fopenmp")
-    return cpp_extension.load(name=f"spikegpt_cpu_ops_{capability.lower()}", sources=[str(_SOURCE)],
+    # The name carries a digest of the source, flags and torch version: checkouts of other versions
+    # sharing the cache directory build beside this one instead of over it.
+    digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, *ldflags, torch.__version__]).encode()).hexdigest()
+    return cpp_extension.load(name=f"spikegpt_cpu_ops_{capability.lower()}_{digest[:12]}", sources=[str(_SOURCE)],
                               extra_cflags=flags, extra_ldflags=ldflags, verbose=False)
 
 
@@ -236,3 +243,51 @@ def token_shift_mix(z, last, mu):
         raise TypeError(f"token_shift_mix runs fp32 or fp64, got {z.dtype}")
     mu = mu.reshape(mu.shape[0], z.shape[-1]).to(z.dtype).contiguous()
     return _Mix.apply(z.contiguous(), last.to(z.dtype).contiguous(), mu)
+
+
+# --------------------------------------------------------------------------------------------------
+# The FFN's squared ReLU.
+# --------------------------------------------------------------------------------------------------
+class _ReluSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return _extension().relu_square_forward(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _extension().relu_square_backward(g.contiguous(), x)
+
+
+def relu_square(x):
+    """``square(relu(x))`` of ``ops.relu_square_torch`` in one pass, forward and backward, bitwise
+    (values and gradient); ``x`` fp32 or fp64.  Saves ``x`` alone for backward."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"relu_square runs fp32 or fp64, got {x.dtype}")
+    return _ReluSquare.apply(x.contiguous())
+
+
+# --------------------------------------------------------------------------------------------------
+# The receptance gates.
+# --------------------------------------------------------------------------------------------------
+class _SigmoidGate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, y):
+        s = torch.sigmoid(a)
+        ctx.save_for_backward(s, y)
+        return s * y
+
+    @staticmethod
+    def backward(ctx, g):
+        s, y = ctx.saved_tensors
+        return tuple(_extension().sigmoid_gate_backward(g.contiguous(), s, y))
+
+
+def sigmoid_gate(a, y):
+    """``sigmoid(a) * y`` of ``ops.sigmoid_gate_torch`` with its backward in one pass, bitwise (values
+    and gradients); ``a`` and ``y`` of one shape, fp32 or fp64."""
+    if a.dtype not in (torch.float32, torch.float64) or y.dtype != a.dtype or y.shape != a.shape:
+        raise TypeError(f"sigmoid_gate runs fp32 or fp64 operands of one shape, got {a.dtype} {tuple(a.shape)} "
+                        f"and {y.dtype} {tuple(y.shape)}")
+    return _SigmoidGate.apply(a.contiguous(), y.contiguous())

@@ -482,6 +482,79 @@ std::vector<torch::Tensor> mix_backward(torch::Tensor g, torch::Tensor z, torch:
   return {gz, glast, gmu_part.sum(0)};
 }
 
+// ------------------------------------------------------------------------------------------------
+// The FFN's squared ReLU: y = r r with r = relu(x); dL/dx = 0 where r <= 0, else g (2 r) (the rounding of
+// ATen's pow and threshold backward: 2 r is exact).  NaN propagates as through clamp_min.
+// ------------------------------------------------------------------------------------------------
+constexpr int64_t kElementwiseGrain = 1 << 15;
+
+template <typename T>
+void relu_square_range(int64_t i0, int64_t i1, const T* __restrict x, T* __restrict y) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const T r = x[i] < T(0) ? T(0) : x[i];
+    y[i] = r * r;
+  }
+}
+
+template <typename T>
+void relu_square_backward_range(int64_t i0, int64_t i1, const T* __restrict g, const T* __restrict x,
+                                T* __restrict gx) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    const T r = x[i] < T(0) ? T(0) : x[i];
+    gx[i] = r <= T(0) ? T(0) : g[i] * (T(2) * r);
+  }
+}
+
+torch::Tensor relu_square_forward(torch::Tensor x) {
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_square_forward", [&] {
+    const scalar_t* px = x.data_ptr<scalar_t>();
+    scalar_t* py = y.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kElementwiseGrain,
+                     [&](int64_t i0, int64_t i1) { relu_square_range<scalar_t>(i0, i1, px, py); });
+  });
+  return y;
+}
+
+torch::Tensor relu_square_backward(torch::Tensor g, torch::Tensor x) {
+  auto gx = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_square_backward", [&] {
+    const scalar_t *pg = g.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
+    scalar_t* pgx = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kElementwiseGrain,
+                     [&](int64_t i0, int64_t i1) { relu_square_backward_range<scalar_t>(i0, i1, pg, px, pgx); });
+  });
+  return gx;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The receptance gates' backward: out = s y with s = sigmoid(a) (ATen's sigmoid, in the forward);
+// dL/dy = g s, dL/da = ((g y) (1 - s)) s, rounded as ATen's mul and sigmoid_backward round them.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+void sigmoid_gate_backward_range(int64_t i0, int64_t i1, const T* __restrict g, const T* __restrict s,
+                                 const T* __restrict y, T* __restrict ga, T* __restrict gy) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    gy[i] = g[i] * s[i];
+    ga[i] = g[i] * y[i] * (T(1) - s[i]) * s[i];
+  }
+}
+
+std::vector<torch::Tensor> sigmoid_gate_backward(torch::Tensor g, torch::Tensor s, torch::Tensor y) {
+  auto ga = torch::empty_like(s), gy = torch::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "sigmoid_gate_backward", [&] {
+    const scalar_t *pg = g.data_ptr<scalar_t>(), *ps = s.data_ptr<scalar_t>(), *py = y.data_ptr<scalar_t>();
+    scalar_t *pga = ga.data_ptr<scalar_t>(), *pgy = gy.data_ptr<scalar_t>();
+    at::parallel_for(0, s.numel(), kElementwiseGrain, [&](int64_t i0, int64_t i1) {
+      sigmoid_gate_backward_range<scalar_t>(i0, i1, pg, ps, py, pga, pgy);
+    });
+  });
+  return {ga, gy};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -491,4 +564,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gif_backward", &gif_backward);
   m.def("mix_forward", &mix_forward);
   m.def("mix_backward", &mix_backward);
+  m.def("relu_square_forward", &relu_square_forward);
+  m.def("relu_square_backward", &relu_square_backward);
+  m.def("sigmoid_gate_backward", &sigmoid_gate_backward);
 }
