@@ -54,6 +54,7 @@ from typing import List
 
 import torch
 
+from . import cpu
 from .spikify.encoding import encode
 from .state import ATT_SHIFT, FFN_SHIFT, LIF_ATT, LIF_FFN, WKV_O, WKV_P, WKV_Q
 
@@ -232,20 +233,54 @@ def _step_impl(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats:
     return counts
 
 
-_scripted = None
+def _step_fused(tokens, state, emb, ln0w, ln0b, params: List[torch.Tensor], mats: List[List[torch.Tensor]],
+                encs: List[List[torch.Tensor]],
+                ln_out_w, ln_out_b, n_layer: int, eps: float, tau, thetas: List[torch.Tensor], tiny: float,
+                binary: bool, neuron: int, levels: int, bipolar: bool, reset: int, cast: bool, collect: bool,
+                logits, new, counts) -> List[torch.Tensor]:
+    """``_step_impl`` with the elementwise work between a layer's matrix products as four fused CPU ops
+    (``spikegpt/cpu/decode.cpp``: the same operations in the same order, so bitwise the same step),
+    which read the state's rows and write the new state's in place; ``state`` contiguous, of the
+    model's dtype (fp32 or fp64).  The spike counts go to ``counts`` (2 n_layer int64)."""
+    C = emb.shape[1]
+    x = torch.embedding(emb, tokens)
+    if binary:
+        x = torch.ge(x, 0.0).to(x.dtype)
+    x = torch.layer_norm(x, [C], ln0w, ln0b, eps)  # block 0's extra LayerNorm
+    for l in range(n_layer):
+        P = params[l * 10:(l + 1) * 10]
+        W = mats[l * 7:(l + 1) * 7]
+        E = encs[l * 7:(l + 1) * 7]
+        m = torch.ops.spikegpt.decode_ln_mix(x, P[0], P[1], eps, state, new, l, 0, P[4], P[5])
+        k = _mm(_in(m[0], E[0]), W[0], cast)
+        v = _mm(_in(m[1], E[1]), W[1], cast)
+        ry = torch.ops.spikegpt.decode_wkv(k, v, _mm(_in(m[2], E[2]), W[2], cast), state, new, l, P[6], P[7], tiny)
+        x = torch.ops.spikegpt.decode_neuron(x, _mm(_in(ry, E[3]), W[3], cast), None, state, new, l, 5, tau,
+                                             thetas[2 * l], neuron, levels, bipolar, reset, collect, counts, 2 * l)
+        m2 = torch.ops.spikegpt.decode_ln_mix(x, P[2], P[3], eps, state, new, l, 1, P[8], P[9])
+        kk = torch.ops.spikegpt.decode_relu_square(_mm(_in(m2[0], E[4]), W[4], cast))
+        gate = _mm(_in(m2[1], E[5]), W[5], cast)
+        x = torch.ops.spikegpt.decode_neuron(x, _mm(_in(kk, E[6]), W[6], cast), gate, state, new, l, 6, tau,
+                                             thetas[2 * l + 1], neuron, levels, bipolar, reset, collect, counts,
+                                             2 * l + 1)
+    xo = torch.layer_norm(x, [C], ln_out_w, ln_out_b, eps)
+    logits.copy_(_mm(_in(xo, encs[n_layer * 7]), mats[n_layer * 7], cast))
+    return [counts] if collect else []
 
 
-def _compiled_step():
-    """``_step_impl`` under TorchScript (fewer Python round trips per op); eager if unavailable."""
-    global _scripted
-    if _scripted is None:
+_scripted = {}
+
+
+def _compiled(fn):
+    """``fn`` (a step function) under TorchScript (fewer Python round trips per op); eager if unavailable."""
+    if fn not in _scripted:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                _scripted = torch.jit.script(_step_impl)
+                _scripted[fn] = torch.jit.script(fn)
         except Exception:  # TorchScript missing or broken in this torch: same math, eagerly
-            _scripted = _step_impl
-    return _scripted
+            _scripted[fn] = fn
+    return _scripted[fn]
 
 
 # Graphs a decoder keeps (one per batch size and spike collection): a decode loop uses one, and each
@@ -313,6 +348,9 @@ class RecurrentDecoder:
     ``script``: run the step under TorchScript (default; falls back to eager if unavailable).
     ``split``: on a CPU, spread each matrix product over the threads where that is bitwise exact
     (default; see the module docstring).
+    ``fused``: on a CPU, for fp32 and fp64 models, run the elementwise work between the matrix products
+    as the fused ops of ``spikegpt/cpu/decode.cpp`` (default; bitwise the same step); ``fused_step``
+    says whether they run (False also where the ops did not build).
     ``exact_batches``: batches of 2+ sequences use the same (split) BLAS products as batch 1, bitwise
     the parallel path run on one token, instead of the faster oneDNN products (default off).
     ``cuda_graph``: ``"auto"`` (capture the step in a CUDA graph where the model is on a GPU),
@@ -324,7 +362,7 @@ class RecurrentDecoder:
     """
 
     def __init__(self, model, weight_dtype: torch.dtype | None = None, script: bool = True, split: bool = True,
-                 exact_batches: bool = False, cuda_graph: str = "auto", graph_backend=None):
+                 exact_batches: bool = False, cuda_graph: str = "auto", graph_backend=None, fused: bool = True):
         if cuda_graph not in ("auto", "on", "off"):
             raise ValueError(f"cuda_graph must be 'auto', 'on' or 'off', got {cuda_graph!r}")
         self.cuda_graph = cuda_graph
@@ -335,6 +373,7 @@ class RecurrentDecoder:
         self.weight_dtype = weight_dtype
         self.script = script
         self.split = split
+        self.fused = fused
         self._key = None
         self.collect_spikes = False
         self.spike_counts = None
@@ -394,7 +433,11 @@ class RecurrentDecoder:
         self.tau = torch.tensor(float(cfg.tau), dtype=self.emb.dtype, device=self.emb.device)
         self._ones_cache = None
         self.tiny = torch.finfo(self.emb.dtype).tiny
-        self._impl = _compiled_step() if self.script else _step_impl
+        self._impl = _compiled(_step_impl) if self.script else _step_impl
+        self.fused_step = (self.fused and self.emb.device.type == "cpu"
+                           and self.emb.dtype in (torch.float32, torch.float64)
+                           and all(t.dtype == self.emb.dtype for t in [*params, *self.thetas]) and cpu.available())
+        self._fused_impl = (_compiled(_step_fused) if self.script else _step_fused) if self.fused_step else None
         self.mats = [[_packed(w, 1) if self.cast else w] for w in mats]
         self._threads = torch.get_num_threads()
         self.split_mats = self._split(mats)
@@ -485,6 +528,18 @@ class RecurrentDecoder:
                 cfg.layer_norm_eps, self.tau, self.thetas, self._ones(state), self.tiny, bool(cfg.binary_embedding),
                 self.neuron, self.levels, self.bipolar, self.reset, self.cast, bool(self.collect_spikes), logits, new)
 
+    def _run_fused(self, tokens, state, logits, new) -> List[torch.Tensor]:
+        """``_run`` of ``_step_fused`` (a CPU state of the model's dtype)."""
+        cfg = self.model.config
+        mats = self._mats_for(tokens.shape[0])
+        counts = torch.zeros(2 * cfg.n_layer if self.collect_spikes else 0, dtype=torch.long)
+        with torch.inference_mode():
+            return self._fused_impl(
+                tokens, state.contiguous(), self.emb, self.ln0[0], self.ln0[1], self.params, mats, self.encs,
+                self.ln_out[0], self.ln_out[1], cfg.n_layer, cfg.layer_norm_eps, self.tau, self.thetas, self.tiny,
+                bool(cfg.binary_embedding), self.neuron, self.levels, self.bipolar, self.reset, self.cast,
+                bool(self.collect_spikes), logits, new, counts)
+
     def _graph_for(self, tokens, state):
         """The captured step for this batch (captured now if new), or None where the step runs
         uncaptured (``graph_fallback`` says why)."""
@@ -519,7 +574,10 @@ class RecurrentDecoder:
         else:
             new = torch.empty(state.shape, dtype=state.dtype, device=state.device)
             logits = torch.empty(tokens.shape[0], self.vocab_size, dtype=self.emb.dtype, device=self.emb.device)
-            counts = self._run(self._impl, tokens, state, logits, new)
+            if self._fused_impl is not None and state.dtype == self.emb.dtype:
+                counts = self._run_fused(tokens, state, logits, new)
+            else:
+                counts = self._run(self._impl, tokens, state, logits, new)
         if self.collect_spikes and self.model.config.spiking:
             c = torch.stack(counts).view(-1, 2).to("cpu", torch.float64)
             self.spike_counts = c if self.spike_counts is None else self.spike_counts + c

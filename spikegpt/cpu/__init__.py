@@ -58,7 +58,9 @@ from ..state import empty_wkv_state
 
 RESETS = {"hard": 0, "soft": 1, "zero": 2}
 SURROGATES = {"atan": 0, "ste": 1}
-_SOURCE = Path(__file__).with_name("ops.cpp")
+# ops.cpp: the training ops (Python bindings); decode.cpp: the recurrent decoder's step ops
+# (torch.ops.spikegpt.decode_*, which TorchScript can call).
+_SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "decode.cpp")]
 _ext = None
 _failure: str | None = None
 
@@ -86,8 +88,10 @@ def _build():
         ldflags.append("-fopenmp")
     # The name carries a digest of the source, flags and torch version: checkouts of other versions
     # sharing the cache directory build beside this one instead of over it.
-    digest = hashlib.sha256("\0".join([_SOURCE.read_text(), *flags, *ldflags, torch.__version__]).encode()).hexdigest()
-    return cpp_extension.load(name=f"spikegpt_cpu_ops_{capability.lower()}_{digest[:12]}", sources=[str(_SOURCE)],
+    texts = [source.read_text() for source in _SOURCES]
+    digest = hashlib.sha256("\0".join([*texts, *flags, *ldflags, torch.__version__]).encode()).hexdigest()
+    return cpp_extension.load(name=f"spikegpt_cpu_ops_{capability.lower()}_{digest[:12]}",
+                              sources=[str(source) for source in _SOURCES],
                               extra_cflags=flags, extra_ldflags=ldflags, verbose=False)
 
 
