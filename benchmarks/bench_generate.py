@@ -158,15 +158,17 @@ def graph_check(model, idx, parallel):
 
 
 def modes(device, bf16: bool):
-    """The decoders timed: (label, weight dtype, exact_batches, cuda_graph).  "fp32 exact" batches use
-    the parallel path's own (MKL) products instead of oneDNN's, the price of bitwise equality with it
-    (batch 1 is the same as fp32; a CPU matter); on CUDA each weight dtype also runs in a CUDA graph."""
+    """The decoders timed: (label, weight dtype, exact_batches, cuda_graph, fused).  "fp32 exact" batches
+    use the parallel path's own (MKL) products instead of oneDNN's, the price of bitwise equality with it
+    (batch 1 is the same as fp32; a CPU matter); "fp32 unfused" runs the step without the fused CPU ops
+    (``RecurrentDecoder(fused=False)``: the same step, bitwise); on CUDA each weight dtype also runs in
+    a CUDA graph."""
     weights = [("fp32", None)] + ([("bf16", torch.bfloat16)] if bf16 else [])
     if device.type == "cuda":
-        return [(label + graph, wd, False, "on" if graph else "off") for label, wd in weights
+        return [(label + graph, wd, False, "on" if graph else "off", True) for label, wd in weights
                 for graph in ("", " graph")]
-    return [("fp32", None, False, "off"), ("fp32 exact", None, True, "off")] + [
-        (label, wd, False, "off") for label, wd in weights[1:]]
+    return [("fp32", None, False, "off", True), ("fp32 unfused", None, False, "off", False),
+            ("fp32 exact", None, True, "off", True)] + [(label, wd, False, "off", True) for label, wd in weights[1:]]
 
 
 def graph_speedup(runs):
@@ -183,6 +185,17 @@ def graph_speedup(runs):
                          "speedup": g["tokens_per_s"] / e["tokens_per_s"], "graph_over_read": g["decode_over_read"],
                          "eager_over_read": e["decode_over_read"]})
     return rows
+
+
+def fused_speedup(runs):
+    """The fused fp32 step's tokens/s (and fraction of the weight-read rate) against the unfused one of
+    the same config and batch (where the fused ops ran)."""
+    unfused = {(r["config"], r["batch"]): r for r in runs if r["weights"] == "fp32 unfused"}
+    return [{"config": r["config"], "batch": r["batch"], "fused_tokens_per_s": r["tokens_per_s"],
+             "unfused_tokens_per_s": u["tokens_per_s"], "speedup": r["tokens_per_s"] / u["tokens_per_s"],
+             "fused_over_read": r["decode_over_read"], "unfused_over_read": u["decode_over_read"]}
+            for r in runs if r["weights"] == "fp32" and r["fused_step"]
+            for u in [unfused.get((r["config"], r["batch"]))] if u is not None]
 
 
 def seconds(fn, device):
@@ -255,17 +268,19 @@ def main(argv=None):
     for name in args.configs.split(","):
         model = build(name, device)
         with torch.no_grad():
-            for label, wd, exact, graph in modes(device, not args.no_bf16):
+            for label, wd, exact, graph, fused in modes(device, not args.no_bf16):
                 dtype = wd or torch.float32
-                decoder = RecurrentDecoder(model, wd, exact_batches=exact, cuda_graph=graph)
+                decoder = RecurrentDecoder(model, wd, exact_batches=exact, cuda_graph=graph, fused=fused)
                 mats = matrices(model, dtype)
                 nbytes = sum(w.numel() * w.element_size() for w in mats)
                 for batch in [int(b) for b in args.batches.split(",")]:
                     if exact and batch == 1:
                         continue
-                    state = model.initial_state(batch)
                     tokens = torch.randint(0, model.config.vocab_size, (batch,), device=device)
-                    decoder.step(tokens, state)  # settles which products are split at this batch size (or captures)
+                    # Settles which products are split at this batch size (or captures); the steps are
+                    # timed from its state, as in a decode loop (from the initial state every layer's
+                    # e^{o-K} underflows, a slower path of exp).
+                    _, state = decoder.step(tokens, model.initial_state(batch))
                     t_step, t_bare, t_mv, t_read = interleaved(
                         [lambda: decoder.step(tokens, state), bare_pass(mats, batch, dtype, device),
                          decoder_matvec_pass(decoder, batch, device), read_pass(mats)], device, args.steps)
@@ -276,8 +291,8 @@ def main(argv=None):
                            "read_ms": t_read * 1e3, "reads_per_s": 1 / t_read, "decode_over_read": t_read / t_step,
                            "split_products": sum(len(m) > 1 for m in decoder._mats_for(batch)),
                            "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9,
-                           "cuda_graph": decoder.graph_fallback is None}
-                    if label in ("fp32", "fp32 graph") and batch == 1:
+                           "cuda_graph": decoder.graph_fallback is None, "fused_step": decoder.fused_step}
+                    if label in ("fp32", "fp32 unfused", "fp32 graph") and batch == 1:
                         run["profile"] = profile_step(decoder, state, tokens)
                     result["runs"].append(run)
                     shown = label if run["cuda_graph"] or graph == "off" else f"{label} (not captured)"
@@ -318,6 +333,7 @@ def main(argv=None):
                     flush=True)
         del model
     result["graph_speedup"] = graph_speedup(result["runs"])
+    result["fused_speedup"] = fused_speedup(result["runs"])
     scaling = {}
     for run in result["runs"]:
         scaling.setdefault((run["config"], run["weights"]), {})[run["batch"]] = run["tokens_per_s"]
@@ -329,6 +345,12 @@ def main(argv=None):
     lines += ["", "Batch-1 decoding over the rate of reading every weight once (issue 17, target 0.9): " + ", ".join(
         f"{r['config']} {r['weights']} {r['tokens_per_s']:.1f} tokens/s vs {r['reads_per_s']:.0f} reads/s = "
         f"{r['decode_over_read']:.2f}" for r in result["runs"] if r["batch"] == 1)]
+    fused_vs = result["fused_speedup"]
+    if fused_vs:
+        lines += ["", "Fused CPU step vs unfused (the same step, bitwise): " + ", ".join(
+            f"{r['config']} batch {r['batch']} {r['fused_tokens_per_s']:.1f} vs {r['unfused_tokens_per_s']:.1f} "
+            f"tokens/s = {r['speedup']:.2f}x, read/step {r['fused_over_read']:.2f} vs {r['unfused_over_read']:.2f}"
+            for r in fused_vs)]
     lines += ["", "CUDA graph vs uncaptured steps: " + (", ".join(
         f"{r['config']} {r['weights']} batch {r['batch']} {r['graph_tokens_per_s']:.0f} vs {r['eager_tokens_per_s']:.0f} "
         f"tokens/s = {r['speedup']:.2f}x" for r in result["graph_speedup"]) or

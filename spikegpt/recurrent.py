@@ -25,6 +25,13 @@ with the per-token Python work cut to a few dozen tensor ops per layer:
   the first batched step, a second copy of those weights), which sum in another order: the same
   products to an ulp or so, as between any two product shapes.  ``exact_batches=True`` keeps MKL's
   (split) products at every batch size;
+* on a CPU, fp32 and fp64 models run ``_step_fused``: the elementwise work between a layer's matrix
+  products as four native ops (``spikegpt/cpu/decode.cpp``: LayerNorm with the token-shift mixes, the
+  WKV step with the receptance gate, the neuron step with the residual add (and the FFN's gate), the
+  squared ReLU), each doing the same IEEE operations in the same order and calling ATen itself for
+  LayerNorm, exp, log and sigmoid, so bitwise the unfused step; they read the state's rows and write
+  the new state's in place (no unbind, no stack).  ``fused=False`` (or a build without a compiler)
+  keeps the unfused step;
 * the new state is assembled by one ``stack`` at the end; the ops run under ``torch.inference_mode``
   (no autograd dispatch), writing the caller-visible outputs into ordinary tensors; the small
   per-layer tensors are packed into one buffer per layer (they are re-fetched from memory after every
@@ -64,9 +71,15 @@ assert (ATT_SHIFT, FFN_SHIFT, WKV_P, WKV_Q, WKV_O, LIF_ATT, LIF_FFN) == (0, 1, 2
 __all__ = ["RecurrentDecoder", "CudaGraphs", "decoder_for"]
 
 
-def _param_key(model):
-    """What the cache depends on: the parameters, and the buffers (a spike encoding of the linear inputs)."""
-    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in [*model.parameters(), *model.buffers()])
+def _tensor_dicts(model):
+    """Every module's dicts of parameters and of buffers (a spike encoding of the linear inputs), kept
+    once: walking the modules on every step costs more than a third of a millisecond at 45m."""
+    return [d for module in model.modules() for d in (module._parameters, module._buffers)]
+
+
+def _param_key(dicts):
+    """What the cache depends on: the tensors now in ``dicts`` (see ``_tensor_dicts``)."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for d in dicts for t in d.values() if t is not None)
 
 
 # Per-layer entries of the flat list of small tensors handed to the step function (_step_impl reads
@@ -374,6 +387,7 @@ class RecurrentDecoder:
         self.script = script
         self.split = split
         self.fused = fused
+        self._tensors = _tensor_dicts(model)
         self._key = None
         self.collect_spikes = False
         self.spike_counts = None
@@ -444,7 +458,7 @@ class RecurrentDecoder:
         self._exact = {}  # batch size -> the (split where exact) matrices, see _mats_for
         self._batched = None  # the oneDNN copies for batches, built on first use
         self.vocab_size = mats[-1].shape[1]
-        self._key = _param_key(m)
+        self._key = _param_key(self._tensors)
         # The graphs read the tensors above: a rebuild drops them (and retries a failed capture).
         self._graphs = {}
         self.graph_fallback = "cuda_graph='off'" if self.cuda_graph == "off" else \
@@ -506,7 +520,7 @@ class RecurrentDecoder:
     def refresh(self):
         """Rebuild the cached tensors if any parameter of the model (or the thread count) changed
         since the last build."""
-        if _param_key(self.model) != self._key or torch.get_num_threads() != self._threads:
+        if _param_key(self._tensors) != self._key or torch.get_num_threads() != self._threads:
             self._build()
 
     def reset_spike_stats(self):

@@ -121,7 +121,8 @@ def test_bench_generate_times_cuda_graphs_on_cuda():
     graph, and each captured run is set against its uncaptured twin."""
     import torch
     bg = _bench_generate()
-    assert [m[0] for m in bg.modes(torch.device("cpu"), True)] == ["fp32", "fp32 exact", "bf16"]
+    assert [m[0] for m in bg.modes(torch.device("cpu"), True)] == ["fp32", "fp32 unfused", "fp32 exact", "bf16"]
+    assert [m[4] for m in bg.modes(torch.device("cpu"), True)] == [True, False, True, True]
     assert all(m[3] == "off" for m in bg.modes(torch.device("cpu"), True))
     assert [(m[0], m[3]) for m in bg.modes(torch.device("cuda"), True)] == [
         ("fp32", "off"), ("fp32 graph", "on"), ("bf16", "off"), ("bf16 graph", "on")]

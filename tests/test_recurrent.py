@@ -133,6 +133,37 @@ def test_step_is_bitwise_forward_of_one_token(batch, neuron):
         s_fast = s_fast_new
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("neuron", [*NEURONS, "twin", "real-embedding"])
+def test_fused_step_is_bitwise_the_unfused_step(neuron, dtype):
+    """The fused CPU step ops (spikegpt/cpu/decode.cpp) change how many calls a step makes, not what it
+    computes: logits, states and spike counts are bitwise the unfused step's, scripted and eager."""
+    if not spikegpt.cpu.available():
+        pytest.skip(f"the fused CPU ops did not build here: {spikegpt.cpu.failure()}")
+    kw = {"twin": dict(spiking=False), "real-embedding": dict(binary_embedding=False)}.get(neuron, NEURONS.get(neuron))
+    model = spiking_model(2, 97, seed=3, dtype=dtype, **kw)
+    idx = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(3))
+    for script in (True, False):
+        fused, plain = RecurrentDecoder(model, script=script), RecurrentDecoder(model, script=script, fused=False)
+        assert fused.fused_step and not plain.fused_step
+        fused.collect_spikes = plain.collect_spikes = True
+        s_fused = s_plain = model.initial_state(3)
+        for t in range(idx.shape[1]):
+            l_fused, s_fused = fused.step(idx[:, t], s_fused)
+            l_plain, s_plain = plain.step(idx[:, t], s_plain)
+            assert torch.equal(l_fused, l_plain) and torch.equal(s_fused, s_plain)
+        if model.config.spiking:
+            assert plain.spike_counts.sum() > 0 and torch.equal(fused.spike_counts, plain.spike_counts)
+        strided = torch.stack([s_fused, s_fused], -1)[..., 0]  # read as its contiguous copy
+        assert torch.equal(fused.step(idx[:, 0], strided)[1], plain.step(idx[:, 0], s_plain)[1])
+
+
+def test_fused_step_needs_a_cpu_float_model():
+    model = spiking_model(1, 97, seed=5)
+    assert not RecurrentDecoder(model, fused=False).fused_step
+    assert not RecurrentDecoder(model.to(torch.bfloat16)).fused_step
+
+
 @pytest.fixture
 def two_threads():
     previous = torch.get_num_threads()
@@ -258,6 +289,7 @@ def test_decoder_follows_parameter_updates():
         model.blocks[0].att.time_decay.add_(0.5)
         model.blocks[0].ffn.time_mix_k.mul_(0.5)
         model.ln_out.weight.mul_(2.0)
+        model.blocks[0].ln1.bias.data = model.blocks[0].ln1.bias.data + 0.25  # a new tensor, not in place
         parallel = model(idx)
     recurrent, _ = run_steps(model, idx)
     assert (recurrent - parallel).abs().max().item() <= TOL
