@@ -3,7 +3,8 @@ and parity of the recurrent logits with the parallel path.
 
 For each config (random weights): tokens/s of the recurrent step at each batch size, in fp32 and with
 bf16 weights (on CUDA each also captured in a CUDA graph, rows ``fp32 graph`` and ``bf16 graph``, the
-other rows uncaptured), timed interleaved with three passes over the same weight matrices that do nothing else:
+other rows uncaptured; on a CPU fp32 also without the fused step ops, row ``fp32 unfused``), timed
+interleaved with three passes over the same weight matrices that do nothing else:
 
 * ``bare``: one ``torch.mm`` per matrix, the issue's bound (ATen runs a matrix-vector product on one
   core, so this is one core's matrix-vector speed, not the memory's);
@@ -158,17 +159,16 @@ def graph_check(model, idx, parallel):
 
 
 def modes(device, bf16: bool):
-    """The decoders timed: (label, weight dtype, exact_batches, cuda_graph, fused).  "fp32 exact" batches
-    use the parallel path's own (MKL) products instead of oneDNN's, the price of bitwise equality with it
-    (batch 1 is the same as fp32; a CPU matter); "fp32 unfused" runs the step without the fused CPU ops
-    (``RecurrentDecoder(fused=False)``: the same step, bitwise); on CUDA each weight dtype also runs in
-    a CUDA graph."""
+    """The decoders timed: (label, weight dtype, exact_batches, cuda_graph).  "fp32 exact" batches use
+    the parallel path's own (MKL) products instead of oneDNN's, the price of bitwise equality with it
+    (batch 1 is the same as fp32; a CPU matter); on CUDA each weight dtype also runs in a CUDA graph.
+    On a CPU "fp32" is also timed without the fused step ops, interleaved with it (row "fp32 unfused")."""
     weights = [("fp32", None)] + ([("bf16", torch.bfloat16)] if bf16 else [])
     if device.type == "cuda":
-        return [(label + graph, wd, False, "on" if graph else "off", True) for label, wd in weights
+        return [(label + graph, wd, False, "on" if graph else "off") for label, wd in weights
                 for graph in ("", " graph")]
-    return [("fp32", None, False, "off", True), ("fp32 unfused", None, False, "off", False),
-            ("fp32 exact", None, True, "off", True)] + [(label, wd, False, "off", True) for label, wd in weights[1:]]
+    return [("fp32", None, False, "off"), ("fp32 exact", None, True, "off")] + [
+        (label, wd, False, "off") for label, wd in weights[1:]]
 
 
 def graph_speedup(runs):
@@ -268,9 +268,11 @@ def main(argv=None):
     for name in args.configs.split(","):
         model = build(name, device)
         with torch.no_grad():
-            for label, wd, exact, graph, fused in modes(device, not args.no_bf16):
+            for mode, wd, exact, graph in modes(device, not args.no_bf16):
                 dtype = wd or torch.float32
-                decoder = RecurrentDecoder(model, wd, exact_batches=exact, cuda_graph=graph, fused=fused)
+                decoders = [(mode, RecurrentDecoder(model, wd, exact_batches=exact, cuda_graph=graph))]
+                if mode == "fp32" and decoders[0][1].fused_step:  # the same step, bitwise, op by op
+                    decoders.append(("fp32 unfused", RecurrentDecoder(model, wd, cuda_graph=graph, fused=False)))
                 mats = matrices(model, dtype)
                 nbytes = sum(w.numel() * w.element_size() for w in mats)
                 for batch in [int(b) for b in args.batches.split(",")]:
@@ -280,28 +282,32 @@ def main(argv=None):
                     # Settles which products are split at this batch size (or captures); the steps are
                     # timed from its state, as in a decode loop (from the initial state every layer's
                     # e^{o-K} underflows, a slower path of exp).
-                    _, state = decoder.step(tokens, model.initial_state(batch))
-                    t_step, t_bare, t_mv, t_read = interleaved(
-                        [lambda: decoder.step(tokens, state), bare_pass(mats, batch, dtype, device),
-                         decoder_matvec_pass(decoder, batch, device), read_pass(mats)], device, args.steps)
-                    run = {"config": name, "weights": label, "batch": batch,
-                           "step_ms": t_step * 1e3, "tokens_per_s": batch / t_step,
-                           "bare_matvec_ms": t_bare * 1e3, "bare_over_step": t_bare / t_step,
-                           "decoder_matvec_ms": t_mv * 1e3, "decoder_matvec_over_step": t_mv / t_step,
-                           "read_ms": t_read * 1e3, "reads_per_s": 1 / t_read, "decode_over_read": t_read / t_step,
-                           "split_products": sum(len(m) > 1 for m in decoder._mats_for(batch)),
-                           "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9,
-                           "cuda_graph": decoder.graph_fallback is None, "fused_step": decoder.fused_step}
-                    if label in ("fp32", "fp32 unfused", "fp32 graph") and batch == 1:
-                        run["profile"] = profile_step(decoder, state, tokens)
-                    result["runs"].append(run)
-                    shown = label if run["cuda_graph"] or graph == "off" else f"{label} (not captured)"
-                    lines.append(f"| {name} | {shown} | {batch} | {run['step_ms']:.2f} | "
-                                 f"{run['tokens_per_s']:.1f} | {run['bare_matvec_ms']:.2f} | "
-                                 f"{run['bare_over_step']:.2f} | {run['decoder_matvec_ms']:.2f} | "
-                                 f"{run['decoder_matvec_over_step']:.2f} | {run['read_ms']:.2f} | "
-                                 f"{run['decode_over_read']:.2f} | {run['step_GBps']:.1f} |")
-                    print(lines[-1], flush=True)
+                    states = [dec.step(tokens, model.initial_state(batch))[1] for _, dec in decoders]
+                    times = interleaved(
+                        [bare_pass(mats, batch, dtype, device), decoder_matvec_pass(decoders[0][1], batch, device),
+                         read_pass(mats)] + [lambda d=dec, s=st: d.step(tokens, s) for (_, dec), st in zip(decoders, states)],
+                        device, args.steps)
+                    t_bare, t_mv, t_read = times[:3]
+                    for (label, decoder), state, t_step in zip(decoders, states, times[3:]):
+                        run = {"config": name, "weights": label, "batch": batch,
+                               "step_ms": t_step * 1e3, "tokens_per_s": batch / t_step,
+                               "bare_matvec_ms": t_bare * 1e3, "bare_over_step": t_bare / t_step,
+                               "decoder_matvec_ms": t_mv * 1e3, "decoder_matvec_over_step": t_mv / t_step,
+                               "read_ms": t_read * 1e3, "reads_per_s": 1 / t_read,
+                               "decode_over_read": t_read / t_step,
+                               "split_products": sum(len(m) > 1 for m in decoder._mats_for(batch)),
+                               "products": len(mats), "weight_bytes": nbytes, "step_GBps": nbytes / t_step / 1e9,
+                               "cuda_graph": decoder.graph_fallback is None, "fused_step": decoder.fused_step}
+                        if label in ("fp32", "fp32 unfused", "fp32 graph") and batch == 1:
+                            run["profile"] = profile_step(decoder, state, tokens)
+                        result["runs"].append(run)
+                        shown = label if run["cuda_graph"] or graph == "off" else f"{label} (not captured)"
+                        lines.append(f"| {name} | {shown} | {batch} | {run['step_ms']:.2f} | "
+                                     f"{run['tokens_per_s']:.1f} | {run['bare_matvec_ms']:.2f} | "
+                                     f"{run['bare_over_step']:.2f} | {run['decoder_matvec_ms']:.2f} | "
+                                     f"{run['decoder_matvec_over_step']:.2f} | {run['read_ms']:.2f} | "
+                                     f"{run['decode_over_read']:.2f} | {run['step_GBps']:.1f} |")
+                        print(lines[-1], flush=True)
             if name in args.prefill_configs.split(","):
                 T = args.prefill_len
                 idx = torch.randint(0, model.config.vocab_size, (1, T), device=device)

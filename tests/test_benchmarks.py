@@ -121,8 +121,7 @@ def test_bench_generate_times_cuda_graphs_on_cuda():
     graph, and each captured run is set against its uncaptured twin."""
     import torch
     bg = _bench_generate()
-    assert [m[0] for m in bg.modes(torch.device("cpu"), True)] == ["fp32", "fp32 unfused", "fp32 exact", "bf16"]
-    assert [m[4] for m in bg.modes(torch.device("cpu"), True)] == [True, False, True, True]
+    assert [m[0] for m in bg.modes(torch.device("cpu"), True)] == ["fp32", "fp32 exact", "bf16"]
     assert all(m[3] == "off" for m in bg.modes(torch.device("cpu"), True))
     assert [(m[0], m[3]) for m in bg.modes(torch.device("cuda"), True)] == [
         ("fp32", "off"), ("fp32 graph", "on"), ("bf16", "off"), ("bf16 graph", "on")]
@@ -137,6 +136,18 @@ def test_bench_generate_times_cuda_graphs_on_cuda():
                                        "eager_over_read": 0.1}]
 
 
+def test_bench_generate_sets_the_fused_step_against_the_unfused():
+    bg = _bench_generate()
+    run = {"config": "45m", "batch": 1}
+    runs = [{**run, "weights": "fp32", "fused_step": True, "tokens_per_s": 90.0, "decode_over_read": 0.9},
+            {**run, "weights": "fp32 unfused", "fused_step": False, "tokens_per_s": 60.0, "decode_over_read": 0.6},
+            {**run, "weights": "bf16", "fused_step": True, "tokens_per_s": 120.0, "decode_over_read": 0.6}]
+    assert bg.fused_speedup(runs) == [{"config": "45m", "batch": 1, "fused_tokens_per_s": 90.0,
+                                       "unfused_tokens_per_s": 60.0, "speedup": 1.5, "fused_over_read": 0.9,
+                                       "unfused_over_read": 0.6}]
+    assert bg.fused_speedup(runs[:1] + runs[2:]) == []
+
+
 def test_bench_generate_cuda_bookkeeping_with_a_stand_in_capture(monkeypatch, tmp_path, capsys):
     """bench_generate's CUDA rows, speedups, tables and graph checks, run on a CPU by giving the
     decoders a capture backend that re-runs the step (its timings mean nothing; the code path runs)."""
@@ -149,8 +160,10 @@ def test_bench_generate_cuda_bookkeeping_with_a_stand_in_capture(monkeypatch, tm
     cuda_modes = bg.modes
     monkeypatch.setattr(bg, "modes", lambda device, bf16: cuda_modes(torch.device("cuda"), bf16))
     result = bg.main(["--smoke", "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "g.json")])
+    # (the model is on the CPU, where fp32 is also timed without the fused step ops)
     assert [(r["weights"], r["batch"], r["cuda_graph"]) for r in result["runs"]] == [
-        (w, b, w.endswith("graph")) for w in ("fp32", "fp32 graph", "bf16", "bf16 graph") for b in (1, 16)]
+        (w, b, False) for b in (1, 16) for w in ("fp32", "fp32 unfused")] + [
+        (w, b, w.endswith("graph")) for w in ("fp32 graph", "bf16", "bf16 graph") for b in (1, 16)]
     assert [(r["weights"], r["batch"]) for r in result["graph_speedup"]] == [
         ("fp32", 1), ("fp32", 16), ("bf16", 1), ("bf16", 16)]
     assert [(g["batch"], g["captured"], g["bitwise_eager"], g["ok"]) for g in result["cuda_graph"]] == [

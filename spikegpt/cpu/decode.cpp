@@ -47,7 +47,8 @@ void check_state(const torch::Tensor& state, const torch::Tensor& out, const tor
 }
 
 // z = LayerNorm(x) (written to the new state's `slot`), and the token-shift mixes of z with the state's
-// `slot`: out_m = z mu_m + last (1 - mu_m), M of them (mu, omu (M, 1, C)).
+// `slot`: out_m = z mu_m + last (1 - mu_m), M of them (mu, omu (M, 1, C)), returned as the rows of one
+// (M, B, C) tensor, laid out as the unfused step's (a product's result can depend on its input's alignment).
 std::vector<torch::Tensor> decode_ln_mix(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
                                          double eps, const torch::Tensor& state, const torch::Tensor& out,
                                          int64_t layer, int64_t slot, const torch::Tensor& mu,
@@ -58,8 +59,7 @@ std::vector<torch::Tensor> decode_ln_mix(const torch::Tensor& x, const torch::Te
                   mu.scalar_type() == x.scalar_type() && omu.scalar_type() == x.scalar_type(),
               "decode_ln_mix: mu and 1 - mu (M, 1, C) of the state's dtype");
   const torch::Tensor z = at::layer_norm(x, {C}, w, b, eps).contiguous();
-  std::vector<torch::Tensor> mixes;
-  for (int64_t m = 0; m < M; ++m) mixes.push_back(torch::empty_like(x));
+  const torch::Tensor mixes = torch::empty({M, state.size(2), C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "decode_ln_mix", [&] {
     const scalar_t* __restrict pz = z.data_ptr<scalar_t>();
     const scalar_t* __restrict last = row<scalar_t>(state, layer, slot);
@@ -68,13 +68,13 @@ std::vector<torch::Tensor> decode_ln_mix(const torch::Tensor& x, const torch::Te
     for (int64_t m = 0; m < M; ++m) {
       const scalar_t* __restrict pm = mu.data_ptr<scalar_t>() + m * C;
       const scalar_t* __restrict po = omu.data_ptr<scalar_t>() + m * C;
-      scalar_t* __restrict o = mixes[m].data_ptr<scalar_t>();
+      scalar_t* __restrict o = mixes.data_ptr<scalar_t>() + m * N;
       for (int64_t i = 0; i < N; i += C) {
         for (int64_t c = 0; c < C; ++c) o[i + c] = pz[i + c] * pm[c] + last[i + c] * po[c];
       }
     }
   });
-  return mixes;
+  return mixes.unbind(0);
 }
 
 // WKV for one token from the state's (p, q, o) of `layer`, then the receptance gate: returns sigmoid(r) y
