@@ -78,8 +78,10 @@ def _tensor_dicts(model):
 
 
 def _param_key(dicts):
-    """What the cache depends on: the tensors now in ``dicts`` (see ``_tensor_dicts``)."""
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for d in dicts for t in d.values() if t is not None)
+    """What the cache depends on: the tensors now in ``dicts`` (see ``_tensor_dicts``), by memory and
+    version (a new tensor, or new data of another dtype or device, has new memory; in-place updates
+    bump the version)."""
+    return tuple((t.data_ptr(), t._version) for d in dicts for t in d.values() if t is not None)
 
 
 # Per-layer entries of the flat list of small tensors handed to the step function (_step_impl reads
