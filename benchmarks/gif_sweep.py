@@ -225,24 +225,34 @@ def plot(records: list[dict], out: str) -> None:
     import matplotlib.pyplot as plt
 
     texts = [t for t in TEXTS if any(r["text"] == t for r in records)]
-    fig, axes = plt.subplots(1, len(texts), figsize=(6 * len(texts), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(texts), figsize=(7 * len(texts), 5.5), squeeze=False)
+    style = {"lif": ("s", "black", "lif"), "bipolar": ("o", "tab:blue", "gif, bipolar"),
+             "unipolar": ("^", "tab:green", "gif, unipolar"), "quant": ("x", "tab:red", "quant (no membrane)")}
     for ax, text in zip(axes[0], texts):
         rs = [r for r in records if r["text"] == text]
+        ends = {r["arm"]: r["bpc"] for r in rs if r["arm"] in ("lif", "twin")}
+        if "twin" in ends:
+            ax.axhline(ends["twin"], color="gray", linestyle="--", label="no-spike twin")
+        if len(ends) == 2:
+            ax.axhline(ends["lif"] - 0.75 * (ends["lif"] - ends["twin"]), color="gray", linestyle=":",
+                       label="75% of the gap closed")
+        ax.axvline(2.0, color="silver", linestyle=":", label="2 effective bits")
+        seen = set()
         for r in rs:
             if r["arm"] == "twin":
-                ax.axhline(r["bpc"], color="gray", linestyle="--", label="no-spike twin")
                 continue
-            kind = r["arm"].split("-")[0]
-            marker = {"lif": "s", "gif": "o", "quant": "x"}[kind]
-            color = {"lif": "black", "gif": "tab:blue", "quant": "tab:red"}[kind]
-            ax.scatter(r["effective_bits"], r["bpc"], marker=marker, color=color)
-            ax.annotate(r["arm"], (r["effective_bits"], r["bpc"]), fontsize=7, xytext=(3, 3),
+            parts = r["arm"].split("-")
+            key = parts[0] if parts[0] in ("lif", "quant") else parts[2]
+            marker, color, label = style[key]
+            ax.scatter(r["effective_bits"], r["bpc"], marker=marker, color=color,
+                       label=None if key in seen else label)
+            seen.add(key)
+            ax.annotate(r["arm"], (r["effective_bits"], r["bpc"]), fontsize=6, xytext=(3, 2),
                         textcoords="offset points")
         ax.set_xlabel("effective bits per neuron-token (entropy of the spike counts)")
         ax.set_ylabel("validation bits per byte")
         ax.set_title(f"{text}: tiny, {rs[0]['max_iters']} iterations")
-        if any(r["arm"] == "twin" for r in rs):
-            ax.legend(loc="upper right")
+        ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     from spikegpt.fileio import atomic_write
     atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=120))
