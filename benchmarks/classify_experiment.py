@@ -140,6 +140,8 @@ def summarize(results, args) -> None:
                     "macro_f1": statistics.fmean(100 * r["macro_f1"] for r in runs), "runs": len(runs),
                     "of": n, "epochs": runs[0]["epochs"],
                     "seconds_per_run": statistics.fmean(r["seconds"] for r in runs),
+                    "pretraining_seconds": (statistics.fmean(r["pretraining"]["seconds"] for r in runs)
+                                            if variant == "pretrained" else None),
                     "firing_rate_all": statistics.fmean(r["firing_rates"].get("all", 0.0) for r in runs)}
     results["table"] = table
     atomic_write_json(args.out, results)
@@ -147,16 +149,18 @@ def summarize(results, args) -> None:
              f"a {args.bpe_vocab_size}-token byte-level BPE trained on each run's training sentences")
     lines = [f"Sentence classification, {results['device']}, torch {results['torch']}; "
              f"model {args.n_layer} x {args.n_embd} SpikeGPT, {vocab}, max-len {args.max_len} tokens; test accuracy "
-             "(%) at the best dev epoch (macro-F1, epochs trained, seconds per fine-tuning run).", "",
+             "(%) at the best dev epoch (± the std over folds; macro-F1, epochs trained, seconds per fine-tuning run "
+             "+ per language-model pre-training).", "",
              "| model | MR (10-fold CV) | SST-5 |", "|---|---:|---:|"]
 
     def cell(key):
         row = table.get(key)
         if row is None:
             return "not run"
-        folds = f", {row['runs']}/{row['of']} folds" if row["of"] > 1 else ""
-        return (f"{row['accuracy']:.2f} (F1 {row['macro_f1']:.1f}{folds}, {row['epochs']} ep, "
-                f"{row['seconds_per_run']:.0f} s)")
+        folds = f" ± {row['std']:.2f} (F1 {row['macro_f1']:.1f}, {row['runs']}/{row['of']} folds" if row["of"] > 1 \
+            else f" (F1 {row['macro_f1']:.1f}"
+        lm = f" + LM {row['pretraining_seconds']:.0f} s" if row.get("pretraining_seconds") is not None else ""
+        return f"{row['accuracy']:.2f}{folds}, {row['epochs']} ep, {row['seconds_per_run']:.0f} s{lm})"
     lines += [f"| ours, task only | {cell('mr/scratch')} | {cell('sst5/scratch')} |",
               f"| ours, pre-trained on the training sentences | {cell('mr/pretrained')} | {cell('sst5/pretrained')} |"]
     lines += [f"| {name} (published) | {v['mr']} | {v['sst5']} |" for name, v in PUBLISHED.items()]

@@ -33,7 +33,7 @@ def plot(args: argparse.Namespace) -> None:
         ax.set_title(title)
         ax.set_xlabel("accuracy (%)")
         ax.invert_yaxis()
-    fig.suptitle("Sentence classification: ours (4x128 byte SpikeGPT, 2-core CPU) vs published")
+    fig.suptitle("Sentence classification: ours (4x128 SpikeGPT, 4096-token BPE, 2-core CPU) vs published")
     fig.tight_layout()
     atomic_write(args.out, lambda f: fig.savefig(f, format="png", dpi=110))
     print(f"wrote {args.out}")
