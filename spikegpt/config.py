@@ -9,9 +9,10 @@ from pathlib import Path
 
 NEURONS = ("lif", "gif", "quant")
 POLARITIES = ("unipolar", "bipolar")
-# What --neuron gif (or quant) means when no other neuron flag is given: the best GIF arm of
-# benchmarks/gif_sweep.py at the tiny budget on the built-in corpus (results/gif_sweep.jsonl).
-GIF_DEFAULTS = dict(levels=2, polarity="bipolar", reset="soft", surrogate="atan")
+# What --neuron gif (or quant) means when no other neuron flag is given: the GIF arm of
+# benchmarks/gif_sweep.py with the best bits per byte on both texts at the tiny budget
+# (results/gif_sweep.jsonl; README "Multi-level GIF neurons").
+GIF_DEFAULTS = dict(levels=8, polarity="bipolar", reset="soft", surrogate="atan")
 # The threshold when --v-threshold is not given: the reference LIF's (also for a one-level gif/quant,
 # which with unipolar hard-reset atan is the LIF), and for multi-level gif/quant the step the sweep found
 # best: finer than the LIF's, as the branch outputs it quantizes are mostly below 1 in magnitude.
