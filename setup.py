@@ -16,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=["spikegpt", "spikegpt.data", "spikegpt.spikify", "spikegpt.classify", "spikegpt.cpu", "spikegpt.kernels"],
-    package_data={"spikegpt.cpu": ["ops.cpp", "decode.cpp"]},
+    package_data={"spikegpt.cpu": ["ops.cpp", "decode.cpp", "mul_add.h"]},
     package_dir={"spikegpt": "spikegpt", "spikegpt.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

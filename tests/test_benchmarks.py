@@ -55,11 +55,16 @@ def test_gpu_check_dry_run(tmp_path):
     assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", BENCH / "gpu_check.py")
+def _bench(name):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_check():
+    return _bench("gpu_check")
 
 
 def test_gpu_check_targets():
@@ -110,10 +115,7 @@ def test_gpu_check_targets():
 
 
 def _bench_generate():
-    spec = importlib.util.spec_from_file_location("bench_generate", BENCH / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench("bench_generate")
 
 
 def test_bench_generate_times_cuda_graphs_on_cuda():
@@ -176,9 +178,7 @@ def test_bench_generate_cuda_bookkeeping_with_a_stand_in_capture(monkeypatch, tm
 
 def test_commit_of_a_copied_checkout(monkeypatch):
     """Without git metadata the results record the commit their runner names ($SPIKEGPT_COMMIT)."""
-    spec = importlib.util.spec_from_file_location("common", BENCH / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    common = _bench("common")
 
     def no_git(*args, **kwargs):
         raise OSError("git: not found")

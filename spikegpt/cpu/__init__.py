@@ -61,6 +61,7 @@ SURROGATES = {"atan": 0, "ste": 1}
 # ops.cpp: the training ops (Python bindings); decode.cpp: the recurrent decoder's step ops
 # (torch.ops.spikegpt.decode_*, which TorchScript can call).
 _SOURCES = [Path(__file__).with_name(name) for name in ("ops.cpp", "decode.cpp")]
+_HEADER = Path(__file__).with_name("mul_add.h")  # included by both
 _ext = None
 _failure: str | None = None
 
@@ -88,7 +89,7 @@ def _build():
         ldflags.append("-fopenmp")
     # The name carries a digest of the source, flags and torch version: checkouts of other versions
     # sharing the cache directory build beside this one instead of over it.
-    texts = [source.read_text() for source in _SOURCES]
+    texts = [source.read_text() for source in (*_SOURCES, _HEADER)]
     digest = hashlib.sha256("\0".join([*texts, *flags, *ldflags, torch.__version__]).encode()).hexdigest()
     return cpp_extension.load(name=f"spikegpt_cpu_ops_{capability.lower()}_{digest[:12]}",
                               sources=[str(source) for source in _SOURCES],

@@ -10,27 +10,15 @@
 #include <torch/extension.h>
 
 #include <cmath>
+
+#include "mul_add.h"
 #include <cstdint>
 #include <limits>
 #include <vector>
 
 namespace {
 
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-constexpr bool kFusedMulAdd = true;
-#else
-constexpr bool kFusedMulAdd = false;
-#endif
-
-// a + b * c rounded as ATen's addcmul rounds it.
-template <typename T>
-inline T mul_add(T b, T c, T a) {
-  if constexpr (kFusedMulAdd) {
-    return std::fma(b, c, a);
-  } else {
-    return a + b * c;
-  }
-}
+using spikegpt_cpu::mul_add;
 
 // Row `slot` of layer `layer` of a contiguous (L, 7, B, C) state.
 template <typename T>

@@ -12,27 +12,15 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+
+#include "mul_add.h"
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
 
-#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
-constexpr bool kFusedMulAdd = true;
-#else
-constexpr bool kFusedMulAdd = false;
-#endif
-
-// a + b * c rounded as ATen's addcmul rounds it.
-template <typename T>
-inline T mul_add(T b, T c, T a) {
-  if constexpr (kFusedMulAdd) {
-    return std::fma(b, c, a);
-  } else {
-    return a + b * c;
-  }
-}
+using spikegpt_cpu::mul_add;
 
 // e^x for x <= 0 (every exponent of the WKV scan is a difference to a running maximum).  fp32: the
 // Cephes polynomial (relative error ~1e-7, written so the compiler vectorises it), 0 below the normal
